@@ -1,0 +1,267 @@
+"""Policy-gradient samples, their validation, micro-batches (padded or packed) and CP slicing.
+
+Token alignment: a sample is ``tokens = prompt + response``. Position i predicts token i+1, so
+the response token at index j is scored at position j-1; per-token inputs (pi_old and engine
+log-probs, one per response token) are stored at those positions.
+
+Context parallelism uses Megatron's load-balanced split: a sequence of padded length P is cut
+into 2*cp chunks and CP rank r keeps chunks r and 2*cp-1-r. Padded batches split every row that
+way; packed (THD) batches split every packed sequence that way (as TransformerEngine does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+FORMATS = ("padded", "packed")
+
+
+@dataclass
+class Sample:
+    tokens: torch.Tensor  # long [L], prompt followed by response
+    prompt_len: int
+    advantage: float
+    old_logprobs: torch.Tensor | None  # [L - prompt_len]; None only in bypass mode
+    engine_logprobs: torch.Tensor | None = None  # [L - prompt_len]
+
+    @property
+    def response_len(self) -> int:
+        return int(self.tokens.numel()) - int(self.prompt_len)
+
+
+def _check_logprobs(name: str, values, expected: int, index: int) -> None:
+    if values is None:
+        return
+    if values.dim() != 1 or values.numel() != expected:
+        raise ValueError(
+            f"sample {index}: {name} has shape {tuple(values.shape)}, expected [{expected}] "
+            f"(one per response token)"
+        )
+    if not torch.isfinite(values).all():
+        bad = (~torch.isfinite(values)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"sample {index}: {name} is not finite at response positions {bad}")
+    if (values > 1e-4).any():
+        bad = (values > 1e-4).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"sample {index}: {name} must be <= 0 (log-probabilities); positive at {bad}")
+
+
+def validate_samples(
+    samples: list[Sample], vocab_size: int, need_old: bool = True, need_engine: bool = False
+) -> None:
+    """Raise ValueError naming the first bad sample and what is wrong with it."""
+    if not samples:
+        raise ValueError("the batch holds no samples")
+    for i, s in enumerate(samples):
+        if not torch.is_tensor(s.tokens) or s.tokens.dim() != 1:
+            raise ValueError(f"sample {i}: tokens must be a 1-D tensor")
+        if s.prompt_len < 1:
+            raise ValueError(f"sample {i}: prompt_len must be >= 1, got {s.prompt_len}")
+        if s.response_len < 1:
+            raise ValueError(
+                f"sample {i}: empty response (tokens {s.tokens.numel()}, prompt_len {s.prompt_len})"
+            )
+        if s.tokens.min() < 0 or s.tokens.max() >= vocab_size:
+            raise ValueError(
+                f"sample {i}: token ids must lie in [0, {vocab_size}); got "
+                f"[{int(s.tokens.min())}, {int(s.tokens.max())}]"
+            )
+        adv = torch.as_tensor(s.advantage, dtype=torch.float64)
+        if adv.numel() != 1:
+            raise ValueError(f"sample {i}: advantage must be one scalar per sequence, got {adv.numel()} values")
+        if not math.isfinite(float(adv)):
+            raise ValueError(f"sample {i}: advantage is not finite ({float(adv)})")
+        if need_old and s.old_logprobs is None:
+            raise ValueError(f"sample {i}: old_logprobs missing (needed unless bypass mode)")
+        if need_engine and s.engine_logprobs is None:
+            raise ValueError(f"sample {i}: engine_logprobs missing (needed by bypass/correction)")
+        _check_logprobs("old_logprobs", s.old_logprobs, s.response_len, i)
+        _check_logprobs("engine_logprobs", s.engine_logprobs, s.response_len, i)
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs and per-token loss inputs, [b, s] (padded) or [1, T] (packed)."""
+
+    fmt: str
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor  # float
+    old_logp: torch.Tensor
+    engine_logp: torch.Tensor | None
+    seq_index: torch.Tensor  # long, -1 on padding
+    advantages: torch.Tensor  # float32 [n_seq]
+    cu_seqlens: torch.Tensor | None = None  # int32, true lengths (packed)
+    cu_seqlens_padded: torch.Tensor | None = None  # int32, padded lengths (packed)
+    max_seqlen: int | None = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    sample_ids: list[int] = field(default_factory=list)
+
+    @property
+    def n_seq(self) -> int:
+        return int(self.advantages.numel())
+
+    def packed_seq_params(self) -> PackedSeqParams | None:
+        if self.fmt != "packed":
+            return None
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=self.cu_seqlens_padded,
+            cu_seqlens_kv_padded=self.cu_seqlens_padded,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _fill_sample(mb_fields, offset_row, offset_col, s: Sample, seq_id: int) -> None:
+    tokens, labels, mask, old, eng, seq_index, positions = mb_fields
+    n = s.tokens.numel()
+    p = s.prompt_len
+    cols = slice(offset_col, offset_col + n)
+    tokens[offset_row, cols] = s.tokens
+    labels[offset_row, offset_col : offset_col + n - 1] = s.tokens[1:]
+    resp = slice(offset_col + p - 1, offset_col + n - 1)
+    mask[offset_row, resp] = 1.0
+    if s.old_logprobs is not None:
+        old[offset_row, resp] = s.old_logprobs.float()
+    if eng is not None:
+        eng[offset_row, resp] = s.engine_logprobs.float()
+    seq_index[offset_row, cols] = seq_id
+    positions[offset_row, cols] = torch.arange(n)
+
+
+def build_micro_batch(
+    samples: list[Sample],
+    fmt: str,
+    seq_multiple: int = 1,
+    total_multiple: int = 1,
+    sample_ids: list[int] | None = None,
+) -> MicroBatch:
+    """Collate samples. Padded: rows padded to a common length (a multiple of ``seq_multiple``).
+    Packed: each sequence padded to a multiple of ``seq_multiple``, plus a trailing padding
+    segment so the total is a multiple of ``total_multiple``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown batch format {fmt!r}; choose one of {FORMATS}")
+    if not samples:
+        raise ValueError("a micro-batch needs at least one sample")
+    has_engine = all(s.engine_logprobs is not None for s in samples)
+    lengths = [int(s.tokens.numel()) for s in samples]
+    if fmt == "padded":
+        rows, width = len(samples), _round_up(max(lengths), max(seq_multiple, total_multiple))
+        places = [(i, 0) for i in range(rows)]
+    else:
+        padded = [_round_up(n, seq_multiple) for n in lengths]
+        total = _round_up(sum(padded), max(total_multiple, seq_multiple))
+        rows, width = 1, total
+        starts = [sum(padded[:i]) for i in range(len(samples))]
+        places = [(0, start) for start in starts]
+    tokens = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.zeros_like(tokens)
+    mask = torch.zeros((rows, width), dtype=torch.float32)
+    old = torch.zeros_like(mask)
+    eng = torch.zeros_like(mask) if has_engine else None
+    seq_index = torch.full((rows, width), -1, dtype=torch.long)
+    positions = torch.zeros_like(tokens)
+    fields = (tokens, labels, mask, old, eng, seq_index, positions)
+    for i, (s, (r, c)) in enumerate(zip(samples, places)):
+        _fill_sample(fields, r, c, s, i)
+    mb = MicroBatch(
+        fmt=fmt,
+        tokens=tokens,
+        position_ids=positions,
+        labels=labels,
+        loss_mask=mask,
+        old_logp=old,
+        engine_logp=eng,
+        seq_index=seq_index,
+        advantages=torch.tensor([float(s.advantage) for s in samples], dtype=torch.float32),
+        sample_ids=list(sample_ids) if sample_ids is not None else list(range(len(samples))),
+    )
+    if fmt == "packed":
+        bounds_true = [0]
+        bounds_padded = [0]
+        for n, pn in zip(lengths, padded):
+            bounds_true.append(bounds_padded[-1] + n)
+            bounds_padded.append(bounds_padded[-1] + pn)
+        if bounds_padded[-1] < width:  # trailing padding segment
+            bounds_true.append(width)
+            bounds_padded.append(width)
+        # cu_seqlens (true lengths) are cumulative over true lengths, as TransformerEngine expects.
+        true_lengths = [b - a for a, b in zip(bounds_padded[:-1], bounds_true[1:])]
+        cu_true = [0]
+        for n in true_lengths:
+            cu_true.append(cu_true[-1] + n)
+        mb.cu_seqlens = torch.tensor(cu_true, dtype=torch.int32)
+        mb.cu_seqlens_padded = torch.tensor(bounds_padded, dtype=torch.int32)
+        mb.max_seqlen = int(max(b - a for a, b in zip(bounds_padded[:-1], bounds_padded[1:])))
+    return mb
+
+
+def cp_chunk_index(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of a length-``length`` sequence kept by ``cp_rank`` (chunks r and 2cp-1-r)."""
+    if cp_size == 1:
+        return torch.arange(length)
+    if length % (2 * cp_size):
+        raise ValueError(f"sequence length {length} is not divisible by 2*cp = {2 * cp_size}")
+    chunk = length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+def cp_token_index(mb: MicroBatch, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Column index along the sequence dim of everything this CP rank keeps."""
+    if mb.fmt == "padded":
+        return cp_chunk_index(mb.tokens.shape[1], cp_size, cp_rank)
+    bounds = mb.cu_seqlens_padded.tolist()
+    return torch.cat(
+        [a + cp_chunk_index(b - a, cp_size, cp_rank) for a, b in zip(bounds[:-1], bounds[1:])]
+    )
+
+
+def slice_for_cp(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
+    """This CP rank's part of a micro-batch (sequence-level tensors stay whole)."""
+    if cp_size == 1:
+        return mb
+    index = cp_token_index(mb, cp_size, cp_rank)
+    take = lambda t: None if t is None else t.index_select(1, index).contiguous()  # noqa: E731
+    return replace(
+        mb,
+        tokens=take(mb.tokens),
+        position_ids=take(mb.position_ids),
+        labels=take(mb.labels),
+        loss_mask=take(mb.loss_mask),
+        old_logp=take(mb.old_logp),
+        engine_logp=take(mb.engine_logp),
+        seq_index=take(mb.seq_index),
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+    )
+
+
+def partition(n_samples: int, dp_size: int, num_microbatches: int) -> list[list[list[int]]]:
+    """Sample ids per DP rank per micro-batch: contiguous blocks, so a sequence never spans
+    micro-batches. Raises when the counts do not divide."""
+    per_step = dp_size * num_microbatches
+    if n_samples % per_step:
+        raise ValueError(
+            f"{n_samples} samples do not divide into dp={dp_size} x micro-batches={num_microbatches}"
+        )
+    size = n_samples // per_step
+    return [
+        [list(range((d * num_microbatches + m) * size, (d * num_microbatches + m + 1) * size))
+         for m in range(num_microbatches)]
+        for d in range(dp_size)
+    ]

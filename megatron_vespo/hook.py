@@ -1,0 +1,197 @@
+"""The policy-loss hook that Megatron-Core's ``get_forward_backward_func()`` calls.
+
+``make_forward_step(loss_cfg)`` returns a ``forward_step_func(data_iterator, model)``; its
+``loss_func`` runs on the last pipeline stage and returns, under
+``calculate_per_token_loss=True``,
+
+    (local loss sum, local normaliser [int], metrics {name: tensor([sum, count])})
+
+so Megatron's ``finalize_model_grads`` (sum of normalisers over DP x CP x micro-batches x PP,
+then grad scaling) makes the result exact in every layout.
+
+Per micro-batch the hook adds, besides Megatron's own traffic:
+  * one TP all-gather of [n_tok, 3] numbers (vocab-parallel log-probs and entropy);
+  * one CP all-reduce of [n_seq, k] per-sequence sums (log-ratio, mismatch, token count, extras).
+Nothing else crosses ranks; phi and every sequence factor are then computed identically on each
+CP rank from the reduced sums.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from megatron_vespo import comm, losses
+from megatron_vespo.batch import MicroBatch
+from megatron_vespo.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
+from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
+
+PHI_ZERO = 1e-6  # phi below this counts as "effectively zero" in metrics
+
+
+@dataclass
+class HookGroups:
+    tp: object = None
+    cp: object = None
+    tp_rank: int = 0
+    cp_rank: int = 0
+
+    @classmethod
+    def from_parallel_state(cls) -> "HookGroups":
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            cp=ps.get_context_parallel_group(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            cp_rank=ps.get_context_parallel_rank(),
+        )
+
+
+def _pair(total, count) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(total, dtype=torch.float64).reshape(()),
+                        torch.as_tensor(count, dtype=torch.float64).reshape(())])
+
+
+def sequence_statistics(tokens: TokenBatch, advantages: torch.Tensor, n_seq: int, cfg: LossConfig,
+                        cp_group) -> SequenceStats:
+    """Per-sequence sums formed locally and combined with ONE all-reduce over the CP group."""
+    adv_tok = advantages[tokens.seq_index].to(tokens.logp.dtype)
+    extras = losses.sequence_sums_for(cfg, tokens, adv_tok)
+    columns = [tokens.token_log_ratio().detach(), tokens.token_mismatch(), torch.ones_like(tokens.old_logp)]
+    columns += list(extras.values())
+    local = torch.stack([c.float() * tokens.mask for c in columns], dim=1)
+    sums = torch.zeros((n_seq, local.shape[1]), dtype=torch.float32, device=local.device)
+    sums.index_add_(0, tokens.seq_index, local)
+    comm.all_reduce_sum(sums, cp_group)
+    return SequenceStats(
+        log_ratio_sum=sums[:, 0],
+        mismatch_sum=sums[:, 1],
+        token_count=sums[:, 2],
+        advantages=advantages.float(),
+        extra={name: sums[:, 3 + i] for i, name in enumerate(extras)},
+    )
+
+
+def loss_from_logits(
+    logits: torch.Tensor,
+    mb: MicroBatch,
+    cfg: LossConfig,
+    groups: HookGroups,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+):
+    """The loss_func body: logits [b, s, vocab/tp] of this rank's (CP-local) micro-batch."""
+    if logits.shape[:2] != mb.labels.shape:
+        raise ValueError(
+            f"logits have batch/sequence shape {tuple(logits.shape[:2])}, the micro-batch "
+            f"{tuple(mb.labels.shape)}"
+        )
+    vocab_local = logits.shape[-1]
+    flat_mask = mb.loss_mask.reshape(-1)
+    rows = flat_mask.nonzero().squeeze(1)
+    logp, entropy = vocab_parallel_logprobs(
+        logits.reshape(-1, vocab_local),
+        rows,
+        mb.labels.reshape(-1)[rows],
+        vocab_start=groups.tp_rank * vocab_local,
+        temperature=cfg.temperature,
+        group=groups.tp,
+        chunk_tokens=chunk_tokens,
+    )
+    engine = None if mb.engine_logp is None else mb.engine_logp.reshape(-1)[rows]
+    old = mb.old_logp.reshape(-1)[rows]
+    if cfg.bypass:
+        if engine is None:
+            raise ValueError("bypass mode needs the engine's per-token log-probs")
+        old, engine = engine, None
+    tokens = TokenBatch(
+        logp=logp,
+        old_logp=old,
+        engine_logp=engine,
+        mask=torch.ones_like(logp),
+        seq_index=mb.seq_index.reshape(-1)[rows],
+    )
+    stats = sequence_statistics(tokens, mb.advantages, mb.n_seq, cfg, groups.cp)
+    out, weights, corr_metrics = losses.compute_loss(stats, tokens, cfg)
+    owns_sequences = groups.cp_rank == 0
+    loss_sum, normaliser = losses.aggregate(
+        out.per_token_loss, weights, tokens, stats, cfg.aggregation, owns_sequences
+    )
+    metrics = _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, owns_sequences)
+    return loss_sum, normaliser.round().to(torch.int), metrics
+
+
+def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, owns_sequences):
+    n_tok = tokens.mask.sum()
+    metrics = {
+        "policy_loss": _pair(loss_sum.detach(), normaliser),
+        "entropy": _pair(entropy.sum(), n_tok),
+        "kl_k3": _pair(losses.per_token_kl_k3(tokens.old_logp, tokens.logp.detach()).sum(), n_tok),
+        "response_tokens": _pair(n_tok, n_tok),
+    }
+    if tokens.engine_logp is not None:
+        diff = tokens.old_logp - tokens.engine_logp
+        metrics["mismatch/abs_logp_diff"] = _pair(diff.abs().sum(), n_tok)
+        metrics["mismatch/kl_k3"] = _pair(losses.per_token_kl_k3(tokens.engine_logp, tokens.old_logp).sum(), n_tok)
+    for name, values in {**out.token_metrics, **corr_metrics}.items():
+        metrics[name] = _pair(values.sum(), n_tok)
+    # Sequence metrics are identical on every CP rank: count them on one.
+    scale = 1.0 if owns_sequences else 0.0
+    n_seq = stats.advantages.numel()
+    for name, values in out.sequence_metrics.items():
+        metrics[name] = _pair(values.sum() * scale, n_seq * scale)
+    if "phi" in out.sequence_metrics:
+        phi = out.sequence_metrics["phi"]
+        positive = stats.advantages >= 0
+        metrics["phi/adv_pos"] = _pair(phi[positive].sum() * scale, positive.sum() * scale)
+        metrics["phi/adv_neg"] = _pair(phi[~positive].sum() * scale, (~positive).sum() * scale)
+        metrics["phi/zero_frac"] = _pair((phi < PHI_ZERO).sum() * scale, n_seq * scale)
+    metrics["sequences"] = _pair(n_seq * scale, n_seq * scale)
+    return metrics
+
+
+def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
+                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """``forward_step_func`` for ``get_forward_backward_func()``; the iterator yields CP-local MicroBatches."""
+    cfg.validate()
+
+    def forward_step(data_iterator, model):
+        mb: MicroBatch = next(data_iterator)
+        hook_groups = groups or HookGroups.from_parallel_state()
+        output = model(
+            mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params()
+        )
+        return output, functools.partial(_loss_func, mb, cfg, hook_groups, chunk_tokens)
+
+    return forward_step
+
+
+def _loss_func(mb, cfg, groups, chunk_tokens, output_tensor):
+    return loss_from_logits(output_tensor, mb, cfg, groups, chunk_tokens)
+
+
+def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
+    """Sum metric pairs over micro-batches and DP x CP, then send them from the last pipeline
+    stage to every stage (so the logging rank, global rank 0, has them). Returns sum/count."""
+    from megatron.core import parallel_state as ps
+
+    last_stage = ps.is_pipeline_last_stage()
+    pp_group = ps.get_pipeline_model_parallel_group()
+    names = sorted(losses_reduced[0]) if (last_stage and losses_reduced) else None
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        src = ps.get_pipeline_model_parallel_last_rank()
+        box = [names]
+        torch.distributed.broadcast_object_list(box, src=src, group=pp_group)
+        names = box[0]
+    if not names:
+        return {}
+    table = torch.zeros((len(names), 2), dtype=torch.float64)
+    if last_stage:
+        for entry in losses_reduced:
+            table += torch.stack([entry[n].double().cpu() for n in names])
+        comm.all_reduce_sum(table, ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        comm.broadcast_(table, ps.get_pipeline_model_parallel_last_rank(), pp_group)
+    return {n: (float(s / c) if c > 0 else float("nan")) for n, (s, c) in zip(names, table.tolist())}

@@ -1,0 +1,102 @@
+"""Per-token log-probs (and entropy) of target tokens from vocab-parallel (TP-sharded) logits.
+
+The full vocabulary is never gathered. Each TP rank reduces its own vocabulary shard, in token
+chunks and in fp32, to three numbers per token: the shard's log-sum-exp, the expected logit under
+the shard's softmax, and the target's logit if the shard owns it. One all-gather of those
+[n_tok, 3] numbers per micro-batch then gives
+
+    log Z      = logsumexp_r lse_r
+    log p(y)   = target_logit - log Z
+    entropy    = log Z - sum_r exp(lse_r - log Z) * E_r[z]
+
+Logits are divided by the sampling temperature first (SGLang's log-probs are
+log_softmax(logits / T)). The backward needs no communication: d log p(y) / d z_v is
+(1[v = y] - softmax(z)_v) / T on the rank that owns v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_vespo import comm
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens):
+        vocab_local = logits.shape[-1]
+        n = rows.numel()
+        local = torch.empty((n, 3), dtype=torch.float32, device=logits.device)
+        for start in range(0, n, chunk_tokens):
+            stop = min(n, start + chunk_tokens)
+            z = logits.index_select(0, rows[start:stop]).float().div_(temperature)
+            lse = torch.logsumexp(z, dim=-1)
+            local_target = targets[start:stop] - vocab_start
+            owned = (local_target >= 0) & (local_target < vocab_local)
+            target_logit = z.gather(1, local_target.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
+            local[start:stop, 0] = lse
+            local[start:stop, 2] = torch.where(owned, target_logit, torch.zeros_like(target_logit))
+            z.sub_(lse.unsqueeze(1))
+            expected = (z.exp() * z).sum(-1) + lse  # E_r[z] = sum p_r (z - lse_r) + lse_r
+            local[start:stop, 1] = expected
+            del z
+        gathered = comm.all_gather_stack(local, group)  # [tp, n, 3]
+        lse_r, expected_r, target_r = gathered.unbind(-1)
+        log_z = torch.logsumexp(lse_r, dim=0)
+        entropy = log_z - (torch.exp(lse_r - log_z) * expected_r).sum(0)
+        logp = target_r.sum(0) - log_z
+        ctx.save_for_backward(logits, rows, targets, log_z)
+        ctx.vocab_start, ctx.temperature, ctx.chunk_tokens = vocab_start, temperature, chunk_tokens
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        logits, rows, targets, log_z = ctx.saved_tensors
+        vocab_local = logits.shape[-1]
+        grad_logits = torch.zeros_like(logits)
+        n = rows.numel()
+        for start in range(0, n, ctx.chunk_tokens):
+            stop = min(n, start + ctx.chunk_tokens)
+            g = grad_logp[start:stop].float()
+            z = logits.index_select(0, rows[start:stop]).float().div_(ctx.temperature)
+            z.sub_(log_z[start:stop].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
+            local_target = targets[start:stop] - ctx.vocab_start
+            owned = (local_target >= 0) & (local_target < vocab_local)
+            owned_rows = owned.nonzero().squeeze(1)
+            z[owned_rows, local_target[owned_rows]] += g[owned_rows]
+            z.div_(ctx.temperature)
+            grad_logits.index_copy_(0, rows[start:stop], z.to(grad_logits.dtype))
+            del z
+        return grad_logits, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int = 0,
+    temperature: float = 1.0,
+    group=None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets) and entropy at ``rows`` of ``logits`` [n_positions, vocab_local].
+
+    ``targets`` holds global vocabulary ids; this rank's shard covers
+    [vocab_start, vocab_start + vocab_local). Returns fp32 (logp with grad, entropy detached).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [positions, vocab_shard], got shape {tuple(logits.shape)}")
+    if rows.shape != targets.shape or rows.dim() != 1:
+        raise ValueError(
+            f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)} must be equal 1-D shapes"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _VocabParallelLogProbs.apply(
+        logits, rows.long(), targets.long(), int(vocab_start), float(temperature), group, int(chunk_tokens)
+    )

@@ -1,0 +1,1 @@
+"""Megatron-Core integration: CPU support, model building, weights, parallel layouts."""

@@ -1,0 +1,180 @@
+"""Build a Megatron-Core MoE GPT (Qwen3-MoE shaped) for the current parallel layout.
+
+The builder chooses the settings Megatron-Core needs and refuses user overrides that contradict
+them, naming the setting:
+
+* ``add_bias_linear=False`` with MoE (True fails in mlp.py's in-place add on a TP view);
+* ``sequence_parallel=True`` whenever TP > 1 with MoE (``MoELayer`` requires it);
+* the MoE load-balancing aux loss is off unless asked for (RL default);
+* on CPU (or without TransformerEngine): local spec, SequentialMLP experts, fusions off, and
+  :class:`~megatron_vespo.mcore.attention.ContextParallelLocalAttention` as core attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class MoEModelConfig:
+    """Architecture in Hugging Face Qwen3-MoE terms."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int = 16
+    ffn_hidden_size: int = 128  # dense layers
+    moe_ffn_hidden_size: int = 32
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    dense_layers: tuple[int, ...] = ()  # 0-based ids of layers with a dense MLP
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qk_layernorm: bool = True
+    max_position_embeddings: int = 4096
+    moe_aux_loss_coeff: float = 0.0
+
+    def validate(self) -> "MoEModelConfig":
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        if self.moe_router_topk > self.num_experts:
+            raise ValueError(f"moe_router_topk {self.moe_router_topk} > num_experts {self.num_experts}")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} outside [0, {self.num_layers})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        return self
+
+    def check_layout(self, layout) -> None:
+        """Clear errors for layouts that do not divide the model."""
+        checks = [
+            ("num_attention_heads", self.num_attention_heads, layout.tp, "tp"),
+            ("num_query_groups", self.num_query_groups, layout.tp, "tp"),
+            ("vocab_size", self.vocab_size, layout.tp, "tp"),
+            ("num_layers", self.num_layers, layout.pp, "pp"),
+            ("num_experts", self.num_experts, layout.ep, "ep"),
+            ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, layout.expert_tp, "etp"),
+            ("ffn_hidden_size", self.ffn_hidden_size, layout.tp, "tp"),
+        ]
+        for name, value, size, key in checks:
+            if value % size:
+                raise ValueError(f"{name} = {value} is not divisible by {key} = {size} (layout {layout})")
+
+
+def transformer_config(
+    model: MoEModelConfig, layout, params_dtype: torch.dtype = torch.float32, **overrides
+):
+    """Megatron TransformerConfig for ``model`` under ``layout``; see module doc for the rules."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model.validate().check_layout(layout)
+    if overrides.get("add_bias_linear"):
+        raise ValueError("add_bias_linear=True is not supported with MoE layers; leave it False")
+    if layout.tp > 1 and overrides.get("sequence_parallel") is False:
+        raise ValueError(f"sequence_parallel=False contradicts tp={layout.tp} with MoE: MoELayer requires it")
+    te = transformer_engine_available()
+    settings = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=layout.tp > 1,
+        num_moe_experts=model.num_experts,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=model.moe_router_topk,
+        moe_layer_freq=[0 if i in model.dense_layers else 1 for i in range(model.num_layers)],
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        qk_layernorm=model.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=te,
+        bias_dropout_fusion=te,
+        masked_softmax_fusion=te,
+        apply_rope_fusion=te,
+        gradient_accumulation_fusion=False,
+        moe_permute_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        calculate_per_token_loss=True,
+        variable_seq_lengths=layout.pp > 1,
+        init_method_std=0.02,
+    )
+    unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)}]
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig settings: {unknown}")
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def layer_spec(config):
+    """Decoder block spec for this pipeline stage: TE when importable on GPU, else local + CP attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_vespo.mcore.attention import ContextParallelLocalAttention
+
+    use_te = transformer_engine_available()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if not use_te:
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = ContextParallelLocalAttention
+    return spec
+
+
+def build_gpt_model(model: MoEModelConfig, config):
+    """The GPTModel chunk for this pipeline stage (no VPP)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+    )

@@ -1,0 +1,119 @@
+"""Parallel layouts ("tp2pp2ep2") and Megatron-Core process-group initialisation."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+_TOKEN = re.compile(r"(tp|pp|cp|ep|etp|dp)(\d+)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel; Megatron's default is tp
+    dp: int | None = None  # inferred as the smallest size the expert layout allows
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        text = text.strip().lower()
+        if text in ("", "single", "1", "world1"):
+            return cls()
+        sizes: dict[str, int] = {}
+        pos = 0
+        for match in _TOKEN.finditer(text):
+            if match.start() != pos:
+                break
+            key, value = match.group(1), int(match.group(2))
+            if key in sizes:
+                raise ValueError(f"layout {text!r} names {key} twice")
+            if value < 1:
+                raise ValueError(f"layout {text!r}: {key} must be >= 1")
+            sizes[key] = value
+            pos = match.end()
+        if pos != len(text):
+            raise ValueError(
+                f"cannot parse layout {text!r} at {text[pos:]!r}; use e.g. 'tp2pp2ep2' "
+                f"(keys tp, pp, cp, ep, etp, dp)"
+            )
+        return cls(**sizes)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def data_parallel(self) -> int:
+        if self.dp is not None:
+            return self.dp
+        experts = self.ep * self.expert_tp
+        return experts // math.gcd(experts, self.tp * self.cp)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.data_parallel
+
+    def validate(self, world_size: int | None = None) -> "Layout":
+        if world_size is not None and world_size != self.world_size:
+            raise ValueError(
+                f"layout {self} needs world size {self.world_size}, but {world_size} processes run"
+            )
+        dense_ranks = self.tp * self.cp * self.data_parallel
+        if dense_ranks % (self.ep * self.expert_tp):
+            raise ValueError(
+                f"layout {self}: ep*etp = {self.ep * self.expert_tp} must divide tp*cp*dp = {dense_ranks}"
+            )
+        return self
+
+    def __str__(self) -> str:
+        parts = [f"{f.name}{getattr(self, f.name)}" for f in fields(self)
+                 if f.name not in ("etp", "dp") and getattr(self, f.name) != 1]
+        if self.etp is not None:
+            parts.append(f"etp{self.etp}")
+        parts.append(f"dp{self.data_parallel}")
+        return "".join(parts)
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise torch.distributed from torchrun's environment (or as a single process)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend)
+
+
+def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
+    """Create Megatron's process groups for ``layout`` and seed its RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_vespo.mcore.cpu import apply_cpu_patches
+
+    apply_cpu_patches()
+    init_distributed()
+    layout.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,191 @@
+"""One parity launch: run under torchrun (or alone for world size 1).
+
+For a seeded tiny MoE GPT and a seeded batch it runs Megatron-Core's real forward/backward
+(``get_forward_backward_func()``, DDP, ``finalize_model_grads``) with the VESPO hook for each
+(batch format, loss) pair and compares the loss and EVERY parameter gradient on EVERY rank,
+replicated parameters included, with the plain-PyTorch reference. Rank 0 writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from megatron_vespo import comm
+from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for_cp, validate_samples
+from megatron_vespo.losses import LossConfig
+from megatron_vespo.mcore.model import MoEModelConfig
+from megatron_vespo.parity.reference import ReferenceMoE, init_hf_state, reference_loss
+
+
+def tiny_model_config() -> MoEModelConfig:
+    """4 layers (one dense, to cover mixed stacks), 8 experts top-2, GQA, q/k norms."""
+    return MoEModelConfig(
+        vocab_size=256, hidden_size=48, num_layers=4, num_attention_heads=4, num_query_groups=2,
+        head_dim=12, ffn_hidden_size=64, moe_ffn_hidden_size=24, num_experts=8, moe_router_topk=2,
+        dense_layers=(0,), rope_theta=10000.0, rms_norm_eps=1e-6,
+    )
+
+
+def make_samples(ref: ReferenceMoE, n: int, seed: int) -> list[Sample]:
+    """Uneven prompt/response lengths, advantages of both signs, and a non-trivial pi_old and
+    engine log-probs around the current policy (half the sequences nearly on-policy)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    m = ref.m
+    samples = []
+    for i in range(n):
+        prompt = int(torch.randint(2, 9, (1,), generator=gen))
+        response = int(torch.randint(1, 23, (1,), generator=gen))
+        tokens = torch.randint(0, m.vocab_size, (prompt + response,), generator=gen)
+        sign = 1.0 if i % 2 == 0 else -1.0
+        adv = sign * (0.2 + float(torch.rand((), generator=gen)))
+        samples.append(Sample(tokens=tokens, prompt_len=prompt, advantage=adv, old_logprobs=None))
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            current = ref.response_logprobs(s)
+            scale = 0.3 if i % 4 < 2 else 1e-5
+            old = current + scale * torch.randn(current.shape, generator=gen)
+            s.old_logprobs = old.clamp(max=0.0)
+            s.engine_logprobs = (old + 0.1 * torch.randn(current.shape, generator=gen)).clamp(max=0.0)
+    return samples
+
+
+def reference_results(m: MoEModelConfig, seed: int, samples, micro_batches, cfg: LossConfig):
+    state = {k: v.clone().requires_grad_(True) for k, v in init_hf_state(m, seed).items()}
+    loss = reference_loss(ReferenceMoE(m, state), samples, micro_batches, cfg)
+    loss.backward()
+    grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)).detach() for k, v in state.items()}
+    return float(loss), grads
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    if scale < 1e-12:
+        return 0.0 if diff < 1e-12 else math.inf
+    return diff / scale
+
+
+def run(args) -> dict | None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vespo.hook import HookGroups, make_forward_step, reduce_metrics
+    from megatron_vespo.mcore.model import build_gpt_model, transformer_config
+    from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+    from megatron_vespo.mcore.weights import ShardContext, load_hf_state, local_tensor
+
+    layout = Layout.parse(args.layout)
+    m = tiny_model_config()
+    m.check_layout(layout)
+    initialize_model_parallel(layout, seed=args.seed)
+    config = transformer_config(m, layout)
+    gpt = build_gpt_model(m, config)
+    ctx = ShardContext.from_model(gpt, m)
+    load_hf_state(gpt, init_hf_state(m, args.seed), ctx)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                      use_distributed_optimizer=False),
+        gpt,
+    )
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+
+    rank = torch.distributed.get_rank()
+    samples = None
+    if rank == 0:
+        samples = make_samples(ReferenceMoE(m, init_hf_state(m, args.seed)), args.samples, args.seed)
+        validate_samples(samples, m.vocab_size, need_engine=True)
+    samples = comm.broadcast_object(samples)
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    cp, cp_rank = layout.cp, ps.get_context_parallel_rank()
+    plan = partition(len(samples), dp, args.microbatches)
+    all_micro_batches = [ids for rank_plan in plan for ids in rank_plan]
+    seq_multiple = 2 * cp if cp > 1 else 1
+    total_multiple = seq_multiple * layout.tp
+    groups = HookGroups.from_parallel_state()
+    rows = []
+    for fmt in args.formats.split(","):
+        for loss_name in args.losses.split(","):
+            cfg = LossConfig(name=loss_name, correction=args.correction, aggregation=args.aggregation,
+                             temperature=args.temperature, bypass=args.bypass).validate()
+            if cfg.correction == "fold" and loss_name != "vespo":
+                continue
+            local = [
+                slice_for_cp(build_micro_batch([samples[i] for i in ids], fmt, seq_multiple,
+                                               total_multiple, ids), cp, cp_rank)
+                for ids in plan[dp_rank]
+            ]
+            ddp.zero_grad_buffer()
+            start = time.perf_counter()
+            losses_reduced = get_forward_backward_func()(
+                forward_step_func=make_forward_step(cfg, groups),
+                data_iterator=iter(local),
+                model=[ddp],
+                num_microbatches=len(local),
+                seq_length=local[0].tokens.shape[1] * cp,
+                micro_batch_size=local[0].tokens.shape[0],
+                forward_only=False,
+            )
+            step_s = time.perf_counter() - start
+            metrics = reduce_metrics(losses_reduced)
+            ref = None
+            if rank == 0:
+                ref = reference_results(m, args.seed, samples, all_micro_batches, cfg)
+            ref_loss, ref_grads = comm.broadcast_object(ref)
+            worst_name, worst = "", 0.0
+            for name, param in gpt.named_parameters():
+                grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
+                diff = relative_difference(grad, local_tensor(name, ref_grads, ctx))
+                if diff > worst or not math.isfinite(diff):
+                    worst_name, worst = name, diff
+            loss_diff = abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
+            per_rank = comm.gather_objects((worst, worst_name, rank))
+            if rank == 0:
+                worst_all = max(per_rank, key=lambda r: r[0])
+                rows.append(dict(
+                    layout=str(layout), format=fmt, loss=loss_name, ref_loss=ref_loss,
+                    megatron_loss=metrics["policy_loss"], loss_rel_diff=loss_diff,
+                    grad_rel_diff=worst_all[0], worst_param=f"rank{worst_all[2]}:{worst_all[1]}",
+                    step_seconds=step_s, metrics=metrics,
+                ))
+    if rank == 0:
+        return dict(layout=str(layout), world_size=layout.world_size, rows=rows, model=asdict(m))
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layout", required=True)
+    parser.add_argument("--losses", default="vespo")
+    parser.add_argument("--formats", default="padded,packed")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--correction", default="none")
+    parser.add_argument("--aggregation", default="token_mean")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--bypass", action="store_true")
+    parser.add_argument("--json-out", required=True)
+    args = parser.parse_args(argv)
+    report = run(args)
+    if report is not None:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+    comm.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
