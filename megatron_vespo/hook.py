@@ -62,15 +62,16 @@ def sequence_statistics(tokens: TokenBatch, advantages: torch.Tensor, n_seq: int
     extras = losses.sequence_sums_for(cfg, tokens, adv_tok)
     columns = [tokens.token_log_ratio().detach(), tokens.token_mismatch(), torch.ones_like(tokens.old_logp)]
     columns += list(extras.values())
-    local = torch.stack([c.float() * tokens.mask for c in columns], dim=1)
-    sums = torch.zeros((n_seq, local.shape[1]), dtype=torch.float32, device=local.device)
+    dtype = torch.promote_types(tokens.logp.dtype, torch.float32)
+    local = torch.stack([c.to(dtype) * tokens.mask for c in columns], dim=1)
+    sums = torch.zeros((n_seq, local.shape[1]), dtype=dtype, device=local.device)
     sums.index_add_(0, tokens.seq_index, local)
     comm.all_reduce_sum(sums, cp_group)
     return SequenceStats(
         log_ratio_sum=sums[:, 0],
         mismatch_sum=sums[:, 1],
         token_count=sums[:, 2],
-        advantages=advantages.float(),
+        advantages=advantages.to(dtype),
         extra={name: sums[:, 3 + i] for i, name in enumerate(extras)},
     )
 

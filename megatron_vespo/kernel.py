@@ -40,8 +40,8 @@ def phi(
     with torch.no_grad():
         log_w = seq_log_w.detach().double().clamp(MIN_LOG_W, MAX_LOG_W)
         positive = seq_adv.detach() >= 0
-        k = torch.where(positive, k_pos, k_neg).to(log_w)
-        lam = torch.where(positive, lambda_pos, lambda_neg).to(log_w)
+        k = torch.where(positive, log_w.new_tensor(k_pos), log_w.new_tensor(k_neg))
+        lam = torch.where(positive, log_w.new_tensor(lambda_pos), log_w.new_tensor(lambda_neg))
         value = torch.exp(k * log_w + lam * (1.0 - torch.exp(log_w)))
         value = torch.where(torch.isfinite(value), value, torch.zeros_like(value))
     return value.to(seq_log_w.dtype if seq_log_w.is_floating_point() else torch.float32)

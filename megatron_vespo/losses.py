@@ -190,7 +190,7 @@ def gspo_loss(stats: SequenceStats, tokens: TokenBatch, cfg: LossConfig) -> Loss
 def sapo_loss(stats: SequenceStats, tokens: TokenBatch, cfg: LossConfig) -> LossOutput:
     adv = _adv_tok(stats, tokens)
     ratio = tokens.token_log_ratio().exp()
-    tau = torch.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg).to(ratio)
+    tau = torch.where(adv > 0, ratio.new_tensor(cfg.sapo_tau_pos), ratio.new_tensor(cfg.sapo_tau_neg))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     return LossOutput(-adv * gate)
 

@@ -62,8 +62,13 @@ def _shapes(m: MoEModelConfig):
     return shape
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (the reference may run in fp64 to be a sharper yardstick)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _rms_norm(x, weight, eps):
-    x32 = x.float()
+    x32 = _acc(x)
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
@@ -100,7 +105,7 @@ class ReferenceMoE:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1).to(v.dtype)
+        probs = torch.softmax(_acc(scores.masked_fill(~causal, float("-inf"))), dim=-1).to(v.dtype)
         out = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, -1)
         return out @ w[p + "o_proj.weight"].T
 
@@ -111,7 +116,7 @@ class ReferenceMoE:
 
     def moe(self, x, i):
         m, p = self.m, f"model.layers.{i}.mlp."
-        router_logits = x.float() @ self.w[p + "gate.weight"].float().T
+        router_logits = _acc(x) @ _acc(self.w[p + "gate.weight"]).T
         top_vals, top_idx = torch.topk(router_logits, m.moe_router_topk, dim=-1)
         probs = torch.softmax(top_vals, dim=-1).to(x.dtype)
         out = torch.zeros_like(x)
@@ -136,7 +141,7 @@ class ReferenceMoE:
 
     def response_logprobs(self, sample: Sample, temperature: float = 1.0) -> torch.Tensor:
         logits = self.forward(sample.tokens)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
         positions = torch.arange(sample.prompt_len - 1, sample.tokens.numel() - 1)
         return logp[positions, sample.tokens[positions + 1]]
 
@@ -153,14 +158,14 @@ def reference_loss(model: ReferenceMoE, samples: list[Sample], micro_batches: li
             olds.append(s.old_logprobs if s.old_logprobs is not None else s.engine_logprobs)
             engines.append(s.engine_logprobs)
             seq_index.append(torch.full((s.response_len,), j, dtype=torch.long))
-        engine = None if any(e is None for e in engines) else torch.cat(engines).float()
-        old = torch.cat(olds).float()
+        logp = torch.cat(logps)
+        engine = None if any(e is None for e in engines) else torch.cat(engines).to(logp.dtype)
+        old = torch.cat(olds).to(logp.dtype)
         if cfg.bypass:
             old, engine = engine, None
-        logp = torch.cat(logps)
         tokens = TokenBatch(logp, old, engine, torch.ones_like(logp), torch.cat(seq_index))
-        adv = torch.tensor([float(samples[sid].advantage) for sid in ids], dtype=torch.float32)
-        per_seq = lambda v: torch.zeros(len(ids)).index_add(0, tokens.seq_index, v.float())  # noqa: E731
+        adv = torch.tensor([float(samples[sid].advantage) for sid in ids], dtype=logp.dtype)
+        per_seq = lambda v: torch.zeros(len(ids), dtype=logp.dtype).index_add(0, tokens.seq_index, v.to(logp.dtype))  # noqa: E731
         extras = losses.sequence_sums_for(cfg, tokens, adv[tokens.seq_index])
         stats = SequenceStats(
             log_ratio_sum=per_seq(tokens.token_log_ratio().detach()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import math
 import sys
 import time
@@ -57,11 +58,21 @@ def make_samples(ref: ReferenceMoE, n: int, seed: int) -> list[Sample]:
 
 
 def reference_results(m: MoEModelConfig, seed: int, samples, micro_batches, cfg: LossConfig):
-    state = {k: v.clone().requires_grad_(True) for k, v in init_hf_state(m, seed).items()}
+    # fp64: the yardstick should carry no rounding error of its own worth measuring.
+    state = {k: v.double().requires_grad_(True) for k, v in init_hf_state(m, seed).items()}
     loss = reference_loss(ReferenceMoE(m, state), samples, micro_batches, cfg)
     loss.backward()
     grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)).detach() for k, v in state.items()}
     return float(loss), grads
+
+
+def swap_two_experts(state: dict[str, torch.Tensor], m: MoEModelConfig) -> None:
+    """Negative control: exchange experts 0 and 1 of the last MoE layer (a typical mapping bug)."""
+    layer = max(i for i in range(m.num_layers) if i not in m.dense_layers)
+    for proj in ("gate", "up", "down"):
+        a = f"model.layers.{layer}.mlp.experts.0.{proj}_proj.weight"
+        b = f"model.layers.{layer}.mlp.experts.1.{proj}_proj.weight"
+        state[a], state[b] = state[b], state[a]
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -90,7 +101,10 @@ def run(args) -> dict | None:
     config = transformer_config(m, layout)
     gpt = build_gpt_model(m, config)
     ctx = ShardContext.from_model(gpt, m)
-    load_hf_state(gpt, init_hf_state(m, args.seed), ctx)
+    weights = init_hf_state(m, args.seed)
+    if args.negative_control:
+        swap_two_experts(weights, m)
+    load_hf_state(gpt, weights, ctx)
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -119,8 +133,6 @@ def run(args) -> dict | None:
         for loss_name in args.losses.split(","):
             cfg = LossConfig(name=loss_name, correction=args.correction, aggregation=args.aggregation,
                              temperature=args.temperature, bypass=args.bypass).validate()
-            if cfg.correction == "fold" and loss_name != "vespo":
-                continue
             local = [
                 slice_for_cp(build_micro_batch([samples[i] for i in ids], fmt, seq_multiple,
                                                total_multiple, ids), cp, cp_rank)
@@ -176,8 +188,10 @@ def main(argv=None) -> int:
     parser.add_argument("--aggregation", default="token_mean")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--bypass", action="store_true")
+    parser.add_argument("--negative-control", action="store_true")
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", module="megatron")
     report = run(args)
     if report is not None:
         with open(args.json_out, "w") as f:

@@ -1,0 +1,34 @@
+# Both targets do all set-up themselves on a fresh machine: each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+TORCH_CPU := torch==2.13.0
+
+.PHONY: demo test install benchmark clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# Without a GPU install the pinned local CPU build first, so pip never pulls CUDA wheels.
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no GPU found: installing $(TORCH_CPU) (CPU build)"; \
+		$(PY) -m pip install --quiet $(TORCH_CPU); \
+	fi
+	$(PY) -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m megatron_vespo parity --layouts "dp2,tp2,pp2,cp2,ep2" --losses vespo,grpo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/bench_hook.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

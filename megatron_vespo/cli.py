@@ -1,0 +1,36 @@
+"""The ``megatron-vespo`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    # Megatron-Core warns at import about every optional GPU package it lacks; that is expected here.
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    parser = argparse.ArgumentParser(
+        prog="megatron-vespo",
+        description="VESPO policy optimisation for Mixture-of-Experts models on Megatron-Core.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from megatron_vespo.parity import launcher
+
+    parity = sub.add_parser(
+        "parity",
+        help="check the loss hook under parallel layouts against a single-process reference",
+        description="For a seeded tiny MoE GPT and batch, run Megatron-Core's forward/backward "
+        "with the policy-loss hook under each layout (torchrun on gloo) and compare the loss "
+        "and every parameter gradient with a plain-PyTorch reference.",
+    )
+    launcher.add_arguments(parity)
+    parity.set_defaults(func=launcher.run_parity)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

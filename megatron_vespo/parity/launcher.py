@@ -1,0 +1,151 @@
+"""``megatron-vespo parity``: launch one torchrun job per layout, gather reports, print a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from megatron_vespo.losses import LossConfig
+from megatron_vespo.mcore.parallel import Layout
+from megatron_vespo.parity.worker import tiny_model_config
+
+
+def _worker_command(layout: Layout, args, json_out: str) -> list[str]:
+    cmd = [sys.executable]
+    if layout.world_size > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={layout.world_size}"]
+    cmd += [
+        "-m", "megatron_vespo.parity.worker",
+        "--layout", str(layout),
+        "--losses", args.losses,
+        "--formats", args.formats,
+        "--samples", str(args.samples),
+        "--microbatches", str(args.microbatches),
+        "--seed", str(args.seed),
+        "--correction", args.correction,
+        "--aggregation", args.aggregation,
+        "--temperature", str(args.temperature),
+        "--json-out", json_out,
+    ]
+    if args.bypass:
+        cmd.append("--bypass")
+    if args.negative_control:
+        cmd.append("--negative-control")
+    return cmd
+
+
+def validate_request(args) -> list[Layout]:
+    """Parse everything before launching anything: a bad layout or loss fails fast and clearly."""
+    layouts = [Layout.parse(text) for text in args.layouts.split(",") if text.strip()]
+    if not layouts:
+        raise ValueError("no layouts given")
+    model = tiny_model_config()
+    for layout in layouts:
+        layout.validate()
+        model.check_layout(layout)
+    for name in args.losses.split(","):
+        LossConfig(name=name, correction=args.correction, aggregation=args.aggregation,
+                   temperature=args.temperature, bypass=args.bypass).validate()
+    for fmt in args.formats.split(","):
+        if fmt not in ("padded", "packed"):
+            raise ValueError(f"unknown format {fmt!r}; choose padded and/or packed")
+    return layouts
+
+
+def _short(param: str) -> str:
+    return param.replace("decoder.layers.", "layer").replace("mlp.experts.local_experts.", "expert").replace(
+        "self_attention.", "attn.").replace(".weight", "")
+
+
+def format_table(rows: list[dict], tolerance: float) -> str:
+    header = ("layout", "format", "loss", "reference", "megatron", "loss rel", "grad rel (max)",
+              "worst parameter", "ok")
+    lines = [header]
+    for r in rows:
+        if "error" in r:
+            lines.append((r["layout"], "-", "-", "-", "-", "-", "-", r["error"][:60], "FAIL"))
+            continue
+        ok = r["loss_rel_diff"] <= tolerance and r["grad_rel_diff"] <= tolerance
+        lines.append((
+            r["layout"], r["format"], r["loss"], f"{r['ref_loss']:+.6f}", f"{r['megatron_loss']:+.6f}",
+            f"{r['loss_rel_diff']:.1e}", f"{r['grad_rel_diff']:.1e}", _short(r["worst_param"]),
+            "ok" if ok else "FAIL",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def run_parity(args) -> int:
+    try:
+        layouts = validate_request(args)
+    except ValueError as err:
+        print(f"parity: {err}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    # The reference runs on the CPU; the check compares Megatron on CPU/gloo against it.
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    rows: list[dict] = []
+    print(f"parity: {len(layouts)} layout(s), losses {args.losses}, formats {args.formats}, "
+          f"tolerance {args.tolerance:g} (relative)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, layout in enumerate(layouts, 1):
+            json_out = os.path.join(tmp, f"{layout}.json")
+            start = time.perf_counter()
+            print(f"[{i}/{len(layouts)}] {layout} on {layout.world_size} process(es) ...", end=" ", flush=True)
+            proc = subprocess.run(_worker_command(layout, args, json_out), env=env,
+                                  capture_output=True, text=True, timeout=args.timeout)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0 or not os.path.exists(json_out):
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+                print(f"FAILED after {seconds:.0f}s", flush=True)
+                print("\n".join("    " + line for line in tail), file=sys.stderr)
+                rows.append({"layout": str(layout), "error": f"worker exit code {proc.returncode}"})
+                continue
+            with open(json_out) as f:
+                report = json.load(f)
+            rows.extend(report["rows"])
+            worst = max(max(r["loss_rel_diff"], r["grad_rel_diff"]) for r in report["rows"])
+            print(f"done in {seconds:.0f}s (max rel diff {worst:.1e})", flush=True)
+    print()
+    print(format_table(rows, args.tolerance))
+    failed = [r for r in rows if "error" in r or max(r["loss_rel_diff"], r["grad_rel_diff"]) > args.tolerance]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tolerance": args.tolerance, "rows": rows}, f, indent=1)
+    print()
+    if failed:
+        print(f"parity FAILED: {len(failed)} of {len(rows)} checks exceed {args.tolerance:g} or did not run")
+        return 1
+    print(f"parity ok: {len(rows)} checks, every loss and every parameter gradient of every rank "
+          f"within {args.tolerance:g} of the single-process reference")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--layouts", default="dp2,tp2,pp2,cp2,ep2",
+                        help="comma-separated layouts, e.g. 'dp2,tp2,pp2,cp2,ep2,tp2ep2,pp2cp2,tp2pp2ep2'")
+    parser.add_argument("--losses", default="vespo", help="comma-separated: vespo,grpo,gspo,sapo,cispo,gmpo")
+    parser.add_argument("--formats", default="padded,packed")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=2, help="micro-batches per DP rank")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--correction", default="none", choices=["none", "tis", "mis", "fold"])
+    parser.add_argument("--aggregation", default="token_mean")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--bypass", action="store_true", help="pi_old := engine log-probs")
+    parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per layout")
+    parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--negative-control", action="store_true",
+                        help="swap two experts in Megatron's weights: the check must then FAIL")

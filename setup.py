@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_vespo",
+    version="0.1.0",
+    description="VESPO (variational sequence-level soft policy optimisation) for Mixture-of-Experts "
+    "RL on Megatron-Core, with SGLang rollouts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_vespo", "megatron_vespo.*"]),
+    install_requires=[
+        # A range, so clusters keep their CUDA build; CPU machines get 2.13.0 from the Makefile.
+        "torch>=2.6,<3",
+        "megatron-core==0.16.1",
+        "numpy",
+        "packaging",
+        # Megatron-Core needs these without declaring them (dist_checkpointing, inference).
+        "psutil",
+        "tqdm",
+    ],
+    extras_require={
+        # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): build it from
+        # source on the cluster or use the Docker image.
+        "gpu": ["transformer-engine[pytorch]==2.20.2"],
+        "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],
+        "test": ["pytest>=8", "scipy"],
+    },
+    entry_points={"console_scripts": ["megatron-vespo=megatron_vespo.cli:main"]},
+)
