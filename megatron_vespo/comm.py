@@ -1,8 +1,8 @@
 """Every cross-rank collective the project issues lives here.
 
 Each function is a no-op for a group of size 1 (or ``None``), so single-process code pays nothing.
-``COUNTER`` counts calls per kind so benchmarks and tests can state how many collectives the loss
-hook adds per micro-batch.
+``COUNTER`` counts the collectives actually issued, by tag (what they are for), so benchmarks and
+tests can state how many collectives the loss hook adds per micro-batch.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ def group_rank(group) -> int:
     return dist.get_rank(group)
 
 
-def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group, tag: str = "all_reduce") -> torch.Tensor:
     """In-place SUM all-reduce (no autograd)."""
     if group_size(group) > 1:
-        COUNTER["all_reduce"] += 1
+        COUNTER[tag] += 1
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
-def all_gather_stack(tensor: torch.Tensor, group) -> torch.Tensor:
+def all_gather_stack(tensor: torch.Tensor, group, tag: str = "all_gather") -> torch.Tensor:
     """Gather equal-shaped tensors into [group_size, *shape] (no autograd)."""
     size = group_size(group)
     if size == 1:
         return tensor.unsqueeze(0)
-    COUNTER["all_gather"] += 1
+    COUNTER[tag] += 1
     # gloo wants a flat [size * n] output; view it as [size, *shape] afterwards.
     out = tensor.new_empty(size * tensor.numel())
     dist.all_gather_into_tensor(out, tensor.contiguous().view(-1), group=group)
@@ -54,13 +54,13 @@ class _AllGatherFirstDim(torch.autograd.Function):
     def forward(ctx, tensor, group):
         ctx.group = group
         ctx.length = tensor.shape[0]
-        return all_gather_stack(tensor, group).flatten(0, 1)
+        return all_gather_stack(tensor, group, tag="cp_attention_all_gather").flatten(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
         size = group_size(ctx.group)
         out = grad.new_empty((ctx.length, *grad.shape[1:]))
-        COUNTER["reduce_scatter"] += 1
+        COUNTER["cp_attention_reduce_scatter"] += 1
         dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         assert out.shape[0] * size == grad.shape[0]
         return out, None

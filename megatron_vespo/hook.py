@@ -29,6 +29,7 @@ from megatron_vespo.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprob
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
 PHI_ZERO = 1e-6  # phi below this counts as "effectively zero" in metrics
+CP_TAG = "hook_sequence_stats_cp_all_reduce"
 
 
 @dataclass
@@ -66,7 +67,7 @@ def sequence_statistics(tokens: TokenBatch, advantages: torch.Tensor, n_seq: int
     local = torch.stack([c.to(dtype) * tokens.mask for c in columns], dim=1)
     sums = torch.zeros((n_seq, local.shape[1]), dtype=dtype, device=local.device)
     sums.index_add_(0, tokens.seq_index, local)
-    comm.all_reduce_sum(sums, cp_group)
+    comm.all_reduce_sum(sums, cp_group, tag=CP_TAG)
     return SequenceStats(
         log_ratio_sum=sums[:, 0],
         mismatch_sum=sums[:, 1],
@@ -82,6 +83,7 @@ def loss_from_logits(
     cfg: LossConfig,
     groups: HookGroups,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    check_finite: bool = True,
 ):
     """The loss_func body: logits [b, s, vocab/tp] of this rank's (CP-local) micro-batch."""
     if logits.shape[:2] != mb.labels.shape:
@@ -101,6 +103,12 @@ def loss_from_logits(
         group=groups.tp,
         chunk_tokens=chunk_tokens,
     )
+    if check_finite and not torch.isfinite(logp.detach()).all():
+        bad = (~torch.isfinite(logp.detach())).nonzero().flatten()[:5].tolist()
+        raise FloatingPointError(
+            f"the model produced non-finite log-probs at {len(bad)}+ response tokens (first local "
+            f"indices {bad}); check the logits (NaN/inf) before training on this batch"
+        )
     engine = None if mb.engine_logp is None else mb.engine_logp.reshape(-1)[rows]
     old = mb.old_logp.reshape(-1)[rows]
     if cfg.bypass:

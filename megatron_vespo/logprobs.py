@@ -1,13 +1,13 @@
 """Per-token log-probs (and entropy) of target tokens from vocab-parallel (TP-sharded) logits.
 
 The full vocabulary is never gathered. Each TP rank reduces its own vocabulary shard, in token
-chunks and in fp32, to three numbers per token: the shard's log-sum-exp, the expected logit under
-the shard's softmax, and the target's logit if the shard owns it. One all-gather of those
-[n_tok, 3] numbers per micro-batch then gives
+chunks and in fp32, to three numbers per token: the shard's log-sum-exp lse_r, the entropy H_r of
+the shard's own softmax, and the target's logit if the shard owns it. One all-gather of those
+[n_tok, 3] numbers per micro-batch then gives, with w_r = exp(lse_r - log Z),
 
     log Z      = logsumexp_r lse_r
     log p(y)   = target_logit - log Z
-    entropy    = log Z - sum_r exp(lse_r - log Z) * E_r[z]
+    entropy    = sum_r w_r (H_r - log w_r)
 
 Logits are divided by the sampling temperature first (SGLang's log-probs are
 log_softmax(logits / T)). The backward needs no communication: d log p(y) / d z_v is
@@ -21,6 +21,7 @@ import torch
 from megatron_vespo import comm
 
 DEFAULT_CHUNK_TOKENS = 1024
+TP_TAG = "hook_logprobs_tp_all_gather"
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
@@ -28,24 +29,26 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens):
         vocab_local = logits.shape[-1]
         n = rows.numel()
-        local = torch.empty((n, 3), dtype=torch.float32, device=logits.device)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        local = torch.empty((n, 3), dtype=acc, device=logits.device)
         for start in range(0, n, chunk_tokens):
             stop = min(n, start + chunk_tokens)
-            z = logits.index_select(0, rows[start:stop]).float().div_(temperature)
+            z = logits.index_select(0, rows[start:stop]).to(acc).div_(temperature)
             lse = torch.logsumexp(z, dim=-1)
             local_target = targets[start:stop] - vocab_start
             owned = (local_target >= 0) & (local_target < vocab_local)
             target_logit = z.gather(1, local_target.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
             local[start:stop, 0] = lse
             local[start:stop, 2] = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-            z.sub_(lse.unsqueeze(1))
-            expected = (z.exp() * z).sum(-1) + lse  # E_r[z] = sum p_r (z - lse_r) + lse_r
-            local[start:stop, 1] = expected
+            z.sub_(lse.unsqueeze(1))  # log of the shard's own softmax
+            local[start:stop, 1] = (z.exp() * z).sum(-1)  # minus the shard's own entropy
             del z
-        gathered = comm.all_gather_stack(local, group)  # [tp, n, 3]
-        lse_r, expected_r, target_r = gathered.unbind(-1)
+        gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
+        lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
         log_z = torch.logsumexp(lse_r, dim=0)
-        entropy = log_z - (torch.exp(lse_r - log_z) * expected_r).sum(0)
+        # H = -sum_r w_r (sum_v p_r,v log p_r,v + log w_r), w_r = exp(lse_r - log Z): no cancellation
+        log_w_r = lse_r - log_z
+        entropy = -(log_w_r.exp() * (neg_entropy_r + log_w_r)).sum(0)
         logp = target_r.sum(0) - log_z
         ctx.save_for_backward(logits, rows, targets, log_z)
         ctx.vocab_start, ctx.temperature, ctx.chunk_tokens = vocab_start, temperature, chunk_tokens
@@ -60,8 +63,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = rows.numel()
         for start in range(0, n, ctx.chunk_tokens):
             stop = min(n, start + ctx.chunk_tokens)
-            g = grad_logp[start:stop].float()
-            z = logits.index_select(0, rows[start:stop]).float().div_(ctx.temperature)
+            g = grad_logp[start:stop].to(log_z.dtype)
+            z = logits.index_select(0, rows[start:stop]).to(log_z.dtype).div_(ctx.temperature)
             z.sub_(log_z[start:stop].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
             local_target = targets[start:stop] - ctx.vocab_start
             owned = (local_target >= 0) & (local_target < vocab_local)
@@ -85,7 +88,8 @@ def vocab_parallel_logprobs(
     """log p(targets) and entropy at ``rows`` of ``logits`` [n_positions, vocab_local].
 
     ``targets`` holds global vocabulary ids; this rank's shard covers
-    [vocab_start, vocab_start + vocab_local). Returns fp32 (logp with grad, entropy detached).
+    [vocab_start, vocab_start + vocab_local). Returns fp32, or fp64 for fp64 logits
+    (logp with grad, entropy detached).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [positions, vocab_shard], got shape {tuple(logits.shape)}")

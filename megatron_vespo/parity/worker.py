@@ -89,7 +89,8 @@ def run(args) -> dict | None:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_vespo.hook import HookGroups, make_forward_step, reduce_metrics
+    from megatron_vespo.hook import CP_TAG, HookGroups, make_forward_step, reduce_metrics
+    from megatron_vespo.logprobs import TP_TAG
     from megatron_vespo.mcore.model import build_gpt_model, transformer_config
     from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
     from megatron_vespo.mcore.weights import ShardContext, load_hf_state, local_tensor
@@ -139,6 +140,7 @@ def run(args) -> dict | None:
                 for ids in plan[dp_rank]
             ]
             ddp.zero_grad_buffer()
+            counted = {tag: comm.COUNTER[tag] for tag in (TP_TAG, CP_TAG)}
             start = time.perf_counter()
             losses_reduced = get_forward_backward_func()(
                 forward_step_func=make_forward_step(cfg, groups),
@@ -150,6 +152,7 @@ def run(args) -> dict | None:
                 forward_only=False,
             )
             step_s = time.perf_counter() - start
+            hook_calls = {tag: (comm.COUNTER[tag] - counted[tag]) / len(local) for tag in counted}
             metrics = reduce_metrics(losses_reduced)
             ref = None
             if rank == 0:
@@ -162,14 +165,20 @@ def run(args) -> dict | None:
                 if diff > worst or not math.isfinite(diff):
                     worst_name, worst = name, diff
             loss_diff = abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
-            per_rank = comm.gather_objects((worst, worst_name, rank))
+            last = ps.is_pipeline_last_stage()
+            per_rank = comm.gather_objects((worst, worst_name, rank, hook_calls if last else None))
             if rank == 0:
-                worst_all = max(per_rank, key=lambda r: r[0])
+                worst_all = max(per_rank, key=lambda r: r[:2])
+                calls = [r[3] for r in per_rank if r[3] is not None]
+                per_microbatch = {
+                    "tp_logprobs_all_gather": max(c[TP_TAG] for c in calls),
+                    "cp_sequence_stats_all_reduce": max(c[CP_TAG] for c in calls),
+                }
                 rows.append(dict(
                     layout=str(layout), format=fmt, loss=loss_name, ref_loss=ref_loss,
                     megatron_loss=metrics["policy_loss"], loss_rel_diff=loss_diff,
                     grad_rel_diff=worst_all[0], worst_param=f"rank{worst_all[2]}:{worst_all[1]}",
-                    step_seconds=step_s, metrics=metrics,
+                    step_seconds=step_s, metrics=metrics, hook_collectives_per_microbatch=per_microbatch,
                 ))
     if rank == 0:
         return dict(layout=str(layout), world_size=layout.world_size, rows=rows, model=asdict(m))
