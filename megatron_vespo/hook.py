@@ -25,7 +25,7 @@ import torch
 
 from megatron_vespo import comm, losses
 from megatron_vespo.batch import MicroBatch
-from megatron_vespo.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
+from megatron_vespo.logprobs import vocab_parallel_logprobs
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
 PHI_ZERO = 1e-6  # phi below this counts as "effectively zero" in metrics
@@ -82,10 +82,14 @@ def loss_from_logits(
     mb: MicroBatch,
     cfg: LossConfig,
     groups: HookGroups,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     check_finite: bool = True,
+    inplace_grad: bool = False,
 ):
-    """The loss_func body: logits [b, s, vocab/tp] of this rank's (CP-local) micro-batch."""
+    """The loss_func body: logits [b, s, vocab/tp] of this rank's (CP-local) micro-batch.
+
+    ``inplace_grad`` reuses the logits' memory for their gradient; the forward step sets it, as
+    Megatron's logits are read by nothing else once the loss is formed."""
     if logits.shape[:2] != mb.labels.shape:
         raise ValueError(
             f"logits have batch/sequence shape {tuple(logits.shape[:2])}, the micro-batch "
@@ -102,6 +106,7 @@ def loss_from_logits(
         temperature=cfg.temperature,
         group=groups.tp,
         chunk_tokens=chunk_tokens,
+        inplace_grad=inplace_grad,
     )
     if check_finite and not torch.isfinite(logp.detach()).all():
         bad = (~torch.isfinite(logp.detach())).nonzero().flatten()[:5].tolist()
@@ -162,7 +167,7 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
 
 
 def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
-                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                      chunk_tokens: int | None = None):
     """``forward_step_func`` for ``get_forward_backward_func()``; the iterator yields CP-local MicroBatches."""
     cfg.validate()
 
@@ -178,7 +183,7 @@ def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
 
 
 def _loss_func(mb, cfg, groups, chunk_tokens, output_tensor):
-    return loss_from_logits(output_tensor, mb, cfg, groups, chunk_tokens)
+    return loss_from_logits(output_tensor, mb, cfg, groups, chunk_tokens, inplace_grad=True)
 
 
 def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:

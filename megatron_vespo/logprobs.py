@@ -20,13 +20,13 @@ import torch
 
 from megatron_vespo import comm
 
-DEFAULT_CHUNK_TOKENS = 1024
+CHUNK_BYTES = 64 * 2**20
 TP_TAG = "hook_logprobs_tp_all_gather"
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens):
+    def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad):
         vocab_local = logits.shape[-1]
         n = rows.numel()
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
@@ -52,6 +52,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logp = target_r.sum(0) - log_z
         ctx.save_for_backward(logits, rows, targets, log_z)
         ctx.vocab_start, ctx.temperature, ctx.chunk_tokens = vocab_start, temperature, chunk_tokens
+        ctx.inplace_grad = inplace_grad
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -59,8 +60,15 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         logits, rows, targets, log_z = ctx.saved_tensors
         vocab_local = logits.shape[-1]
-        grad_logits = torch.zeros_like(logits)
         n = rows.numel()
+        if ctx.inplace_grad:
+            # The logits are dead after this backward: reuse their memory for the gradient.
+            unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            unused[rows] = False
+            logits[unused] = 0
+            grad_logits = logits
+        else:
+            grad_logits = torch.zeros_like(logits)
         for start in range(0, n, ctx.chunk_tokens):
             stop = min(n, start + ctx.chunk_tokens)
             g = grad_logp[start:stop].to(log_z.dtype)
@@ -73,7 +81,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             z.div_(ctx.temperature)
             grad_logits.index_copy_(0, rows[start:stop], z.to(grad_logits.dtype))
             del z
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -83,14 +91,21 @@ def vocab_parallel_logprobs(
     vocab_start: int = 0,
     temperature: float = 1.0,
     group=None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
+    inplace_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(targets) and entropy at ``rows`` of ``logits`` [n_positions, vocab_local].
 
     ``targets`` holds global vocabulary ids; this rank's shard covers
     [vocab_start, vocab_start + vocab_local). Returns fp32, or fp64 for fp64 logits
     (logp with grad, entropy detached).
+
+    ``chunk_tokens`` defaults to about CHUNK_BYTES of fp32 logits per chunk. ``inplace_grad``
+    writes the gradient into ``logits``' own memory (as Megatron's vocab-parallel cross-entropy
+    does): only for logits that nothing else reads after this backward.
     """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_BYTES // (4 * max(1, logits.shape[-1])))
     if logits.dim() != 2:
         raise ValueError(f"logits must be [positions, vocab_shard], got shape {tuple(logits.shape)}")
     if rows.shape != targets.shape or rows.dim() != 1:
@@ -102,5 +117,6 @@ def vocab_parallel_logprobs(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     return _VocabParallelLogProbs.apply(
-        logits, rows.long(), targets.long(), int(vocab_start), float(temperature), group, int(chunk_tokens)
+        logits, rows.long(), targets.long(), int(vocab_start), float(temperature), group,
+        int(chunk_tokens), bool(inplace_grad),
     )

@@ -58,3 +58,21 @@ def test_vocab_parallel_matches_full_vocabulary(tp):
     """Real TP groups on gloo: values, entropy, gradients, and one all-gather per call."""
     proc = torchrun("logprobs_tp.py", tp)
     assert "LOGPROBS_TP_OK" in proc.stdout
+
+
+def test_inplace_gradient_reuses_logits_memory_and_matches():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 40, generator=gen)
+    rows, targets = torch.tensor([1, 4, 5]), torch.randint(0, 40, (3,), generator=gen)
+    grads = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1.0  # a non-leaf, like a model's output
+        logp, _ = vocab_parallel_logprobs(logits, rows, targets, inplace_grad=inplace, chunk_tokens=2)
+        captured = {}
+        logits.register_hook(lambda g: captured.update(ptr=g.data_ptr()))
+        logp.sum().backward()
+        grads.append(leaf.grad)
+        assert (captured["ptr"] == logits.data_ptr()) == inplace
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert grads[1][0].abs().sum() == 0 and grads[1][1].abs().sum() > 0
