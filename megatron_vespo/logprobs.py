@@ -24,6 +24,38 @@ CHUNK_BYTES = 64 * 2**20
 TP_TAG = "hook_logprobs_tp_all_gather"
 
 
+_WORKSPACE: dict = {}
+
+
+def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reused chunk buffer. On CPU a fresh large allocation costs more (page faults) than the
+    arithmetic done in it; ``release_workspace()`` frees the cache."""
+    key = (name, dtype, str(device))
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
+def release_workspace() -> None:
+    _WORKSPACE.clear()
+
+
+def _load_rows(logits, rows, acc, temperature):
+    """fp32 (or wider) copy of ``logits[rows] / temperature`` in the workspace."""
+    z = _workspace("z", rows.numel(), logits.shape[-1], acc, logits.device)
+    if logits.dtype == acc:
+        torch.index_select(logits, 0, rows, out=z)
+    else:
+        stage = _workspace("stage", rows.numel(), logits.shape[-1], logits.dtype, logits.device)
+        torch.index_select(logits, 0, rows, out=stage)
+        z.copy_(stage)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad):
@@ -31,18 +63,23 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = rows.numel()
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
         local = torch.empty((n, 3), dtype=acc, device=logits.device)
+        local_targets = targets - vocab_start
+        owned = (local_targets >= 0) & (local_targets < vocab_local)
+        safe_targets = local_targets.clamp(0, vocab_local - 1).unsqueeze(1)
         for start in range(0, n, chunk_tokens):
             stop = min(n, start + chunk_tokens)
-            z = logits.index_select(0, rows[start:stop]).to(acc).div_(temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            local_target = targets[start:stop] - vocab_start
-            owned = (local_target >= 0) & (local_target < vocab_local)
-            target_logit = z.gather(1, local_target.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
-            local[start:stop, 0] = lse
-            local[start:stop, 2] = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-            z.sub_(lse.unsqueeze(1))  # log of the shard's own softmax
-            local[start:stop, 1] = (z.exp() * z).sum(-1)  # minus the shard's own entropy
-            del z
+            z = _load_rows(logits, rows[start:stop], acc, temperature)
+            shift = z.amax(dim=-1)
+            target_logit = z.gather(1, safe_targets[start:stop]).squeeze(1)
+            z.sub_(shift.unsqueeze(1))
+            e = _workspace("exp", z.shape[0], vocab_local, acc, logits.device)
+            torch.exp(z, out=e)
+            sum_exp = e.sum(-1)
+            log_sum = sum_exp.log()
+            local[start:stop, 0] = shift + log_sum  # the shard's log-sum-exp
+            # sum_v p_v log p_v of the shard's own softmax (minus its entropy)
+            local[start:stop, 1] = torch.einsum("ij,ij->i", e, z) / sum_exp - log_sum
+            local[start:stop, 2] = torch.where(owned[start:stop], target_logit, torch.zeros_like(target_logit))
         gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
         lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
         log_z = torch.logsumexp(lse_r, dim=0)
@@ -50,16 +87,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         log_w_r = lse_r - log_z
         entropy = -(log_w_r.exp() * (neg_entropy_r + log_w_r)).sum(0)
         logp = target_r.sum(0) - log_z
-        ctx.save_for_backward(logits, rows, targets, log_z)
-        ctx.vocab_start, ctx.temperature, ctx.chunk_tokens = vocab_start, temperature, chunk_tokens
-        ctx.inplace_grad = inplace_grad
+        ctx.save_for_backward(logits, rows, local_targets, owned, log_z)
+        ctx.temperature, ctx.chunk_tokens, ctx.inplace_grad = temperature, chunk_tokens, inplace_grad
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        logits, rows, targets, log_z = ctx.saved_tensors
-        vocab_local = logits.shape[-1]
+        logits, rows, local_targets, owned, log_z = ctx.saved_tensors
         n = rows.numel()
         if ctx.inplace_grad:
             # The logits are dead after this backward: reuse their memory for the gradient.
@@ -72,15 +107,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         for start in range(0, n, ctx.chunk_tokens):
             stop = min(n, start + ctx.chunk_tokens)
             g = grad_logp[start:stop].to(log_z.dtype)
-            z = logits.index_select(0, rows[start:stop]).to(log_z.dtype).div_(ctx.temperature)
+            z = _load_rows(logits, rows[start:stop], log_z.dtype, ctx.temperature)
             z.sub_(log_z[start:stop].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
-            local_target = targets[start:stop] - ctx.vocab_start
-            owned = (local_target >= 0) & (local_target < vocab_local)
-            owned_rows = owned.nonzero().squeeze(1)
-            z[owned_rows, local_target[owned_rows]] += g[owned_rows]
-            z.div_(ctx.temperature)
-            grad_logits.index_copy_(0, rows[start:stop], z.to(grad_logits.dtype))
-            del z
+            mine = owned[start:stop].nonzero().squeeze(1)
+            z[mine, local_targets[start:stop][mine]] += g[mine]
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
+            if grad_logits.dtype != z.dtype:
+                stage = _workspace("stage", z.shape[0], z.shape[1], grad_logits.dtype, z.device)
+                z = stage.copy_(z)
+            grad_logits.index_copy_(0, rows[start:stop], z)
         return grad_logits, None, None, None, None, None, None, None
 
 

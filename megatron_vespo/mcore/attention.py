@@ -64,6 +64,18 @@ class ContextParallelLocalAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
+    def _attend(self, query, key, value, q_pos, k_pos):
+        """Causal attention of [sq, b, h, d] queries on [sk, b, h, d] keys at the given positions."""
+        allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v).permute(2, 0, 1, 3).contiguous()  # [sq, b, h, d]
+        return context.view(context.shape[0], context.shape[1], self.heads * self.head_dim)
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if attention_bias is not None:
@@ -86,22 +98,21 @@ class ContextParallelLocalAttention(MegatronModule):
         kv = [_positions_and_segments(local_len, cu, cp_size, r) for r in range(cp_size)]
         k_pos = torch.cat([p for p, _ in kv])
         k_seg = torch.cat([s for _, s in kv])
-        allowed = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)) & (k_seg.unsqueeze(0) == q_seg.unsqueeze(1))
-
         repeat = self.heads // self.groups
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
             value = value.repeat_interleave(repeat, dim=2)
-        # [s, b, h, d] -> [b, h, s, d]
-        q = query.permute(1, 2, 0, 3)
-        k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        context = torch.matmul(probs, v)  # [b, h, sq, d]
-        context = context.permute(2, 0, 1, 3).contiguous()
-        context = context.view(context.shape[0], context.shape[1], self.heads * self.head_dim)
+        if not thd:
+            context = self._attend(query, key, value, q_pos, k_pos)
+        else:
+            # one sequence at a time: cost sum_i L_i^2, not (sum_i L_i)^2
+            pieces = []
+            for seg in range(int(q_seg.max()) + 1 if q_seg.numel() else 0):
+                q_idx = (q_seg == seg).nonzero().squeeze(1)
+                k_idx = (k_seg == seg).nonzero().squeeze(1)
+                pieces.append(self._attend(query.index_select(0, q_idx), key.index_select(0, k_idx),
+                                           value.index_select(0, k_idx), q_pos[q_idx], k_pos[k_idx]))
+            context = torch.cat(pieces, dim=0)
         if thd:
             context = context.squeeze(1)
         return context

@@ -62,17 +62,26 @@ class CudaToCpuMode(TorchFunctionMode):
     """Rewrite CUDA placements to CPU for every torch function call while active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        kwargs.pop("pin_memory", None)  # pinning needs CUDA
+        if kwargs:  # fast path first: most calls carry no device at all
+            device = kwargs.get("device")
+            if (device is not None and _is_cuda_device(device)) or kwargs.get("pin_memory"):
+                kwargs = {**kwargs, "device": "cpu" if device is not None else None}
+                if kwargs["device"] is None:
+                    del kwargs["device"]
+                kwargs.pop("pin_memory", None)  # pinning needs CUDA
+        else:
+            kwargs = {}
+        if func in _SPECIAL:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
 
 
 class _NoOpStream:
