@@ -56,30 +56,64 @@ def _load_rows(logits, rows, acc, temperature):
     return z
 
 
+def _spans(rows: torch.Tensor, chunk_tokens: int):
+    """(first index into rows, row start, length) of runs of consecutive rows, cut to chunks."""
+    if rows.numel() == 0:
+        return []
+    breaks = (rows[1:] != rows[:-1] + 1).nonzero().squeeze(1) + 1
+    starts = [0] + breaks.tolist()
+    ends = starts[1:] + [rows.numel()]
+    first_rows = rows[starts].tolist()
+    out = []
+    for i0, i1, r0 in zip(starts, ends, first_rows):
+        for offset in range(0, i1 - i0, chunk_tokens):
+            out.append((i0 + offset, r0 + offset, min(chunk_tokens, i1 - i0 - offset)))
+    return out
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
+    """Two paths with the same arithmetic:
+
+    * in place (``inplace_grad`` and fp32 logits, as in training): each chunk is a view of the
+      logits; the forward leaves exp(z - max) there and the backward turns it into the gradient
+      (Megatron's vocab-parallel cross-entropy does the same) -- no copies, no recompute;
+    * copy (otherwise, e.g. bf16 logits someone else still reads): each chunk is copied to an
+      fp32 workspace and the softmax is recomputed in the backward.
+    """
+
     @staticmethod
     def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad):
         vocab_local = logits.shape[-1]
         n = rows.numel()
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+        in_place = inplace_grad and logits.dtype == acc and logits.is_contiguous()
         local = torch.empty((n, 3), dtype=acc, device=logits.device)
+        shift = torch.empty(n, dtype=acc, device=logits.device)
         local_targets = targets - vocab_start
         owned = (local_targets >= 0) & (local_targets < vocab_local)
         safe_targets = local_targets.clamp(0, vocab_local - 1).unsqueeze(1)
-        for start in range(0, n, chunk_tokens):
-            stop = min(n, start + chunk_tokens)
-            z = _load_rows(logits, rows[start:stop], acc, temperature)
-            shift = z.amax(dim=-1)
-            target_logit = z.gather(1, safe_targets[start:stop]).squeeze(1)
-            z.sub_(shift.unsqueeze(1))
-            e = _workspace("exp", z.shape[0], vocab_local, acc, logits.device)
+        spans = _spans(rows, chunk_tokens)
+        for i, row, count in spans:
+            if in_place:
+                z = logits[row:row + count]
+                if temperature != 1.0:
+                    z.div_(temperature)
+            else:
+                z = _load_rows(logits, rows[i:i + count], acc, temperature)
+            m = z.amax(dim=-1)
+            target_logit = z.gather(1, safe_targets[i:i + count]).squeeze(1)
+            z.sub_(m.unsqueeze(1))
+            e = _workspace("exp", count, vocab_local, acc, logits.device)
             torch.exp(z, out=e)
             sum_exp = e.sum(-1)
             log_sum = sum_exp.log()
-            local[start:stop, 0] = shift + log_sum  # the shard's log-sum-exp
+            shift[i:i + count] = m
+            local[i:i + count, 0] = m + log_sum  # the shard's log-sum-exp
             # sum_v p_v log p_v of the shard's own softmax (minus its entropy)
-            local[start:stop, 1] = torch.einsum("ij,ij->i", e, z) / sum_exp - log_sum
-            local[start:stop, 2] = torch.where(owned[start:stop], target_logit, torch.zeros_like(target_logit))
+            local[i:i + count, 1] = torch.linalg.vecdot(e, z) / sum_exp - log_sum
+            local[i:i + count, 2] = torch.where(owned[i:i + count], target_logit, torch.zeros_like(target_logit))
+            if in_place:
+                z.copy_(e)  # exp(z - m), turned into the gradient by the backward
         gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
         lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
         log_z = torch.logsumexp(lse_r, dim=0)
@@ -87,15 +121,15 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         log_w_r = lse_r - log_z
         entropy = -(log_w_r.exp() * (neg_entropy_r + log_w_r)).sum(0)
         logp = target_r.sum(0) - log_z
-        ctx.save_for_backward(logits, rows, local_targets, owned, log_z)
-        ctx.temperature, ctx.chunk_tokens, ctx.inplace_grad = temperature, chunk_tokens, inplace_grad
+        # In place, the logits' version counter moved: any other reader that saved them fails loudly.
+        ctx.save_for_backward(logits, rows, local_targets, owned, log_z, shift)
+        ctx.temperature, ctx.spans, ctx.inplace_grad, ctx.in_place = temperature, spans, inplace_grad, in_place
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        logits, rows, local_targets, owned, log_z = ctx.saved_tensors
-        n = rows.numel()
+        logits, rows, local_targets, owned, log_z, shift = ctx.saved_tensors
         if ctx.inplace_grad:
             # The logits are dead after this backward: reuse their memory for the gradient.
             unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -104,19 +138,23 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             grad_logits = logits
         else:
             grad_logits = torch.zeros_like(logits)
-        for start in range(0, n, ctx.chunk_tokens):
-            stop = min(n, start + ctx.chunk_tokens)
-            g = grad_logp[start:stop].to(log_z.dtype)
-            z = _load_rows(logits, rows[start:stop], log_z.dtype, ctx.temperature)
-            z.sub_(log_z[start:stop].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
-            mine = owned[start:stop].nonzero().squeeze(1)
-            z[mine, local_targets[start:stop][mine]] += g[mine]
+        for i, row, count in ctx.spans:
+            g = grad_logp[i:i + count].to(log_z.dtype)
+            if ctx.in_place:  # the rows hold exp(z - m): softmax = that * exp(m - log Z)
+                z = logits[row:row + count]
+                z.mul_((-g * torch.exp(shift[i:i + count] - log_z[i:i + count])).unsqueeze(1))
+            else:
+                z = _load_rows(logits, rows[i:i + count], log_z.dtype, ctx.temperature)
+                z.sub_(log_z[i:i + count].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
+            mine = owned[i:i + count].nonzero().squeeze(1)
+            z[mine, local_targets[i:i + count][mine]] += g[mine]
             if ctx.temperature != 1.0:
                 z.div_(ctx.temperature)
-            if grad_logits.dtype != z.dtype:
-                stage = _workspace("stage", z.shape[0], z.shape[1], grad_logits.dtype, z.device)
-                z = stage.copy_(z)
-            grad_logits.index_copy_(0, rows[start:stop], z)
+            if not ctx.in_place:
+                if grad_logits.dtype != z.dtype:
+                    stage = _workspace("stage", z.shape[0], z.shape[1], grad_logits.dtype, z.device)
+                    z = stage.copy_(z)
+                grad_logits[row:row + count] = z
         return grad_logits, None, None, None, None, None, None, None
 
 

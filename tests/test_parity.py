@@ -79,3 +79,9 @@ def test_bad_requests_fail_fast_with_a_clear_error(tmp_path, args, message):
     proc, _ = run_parity(tmp_path, *args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_allgather_dispatcher(tmp_path):
+    proc, report = run_parity(tmp_path, "--layouts", "tp2ep2", "--losses", "vespo", "--formats", "padded",
+                              "--dispatcher", "allgather")
+    assert_all_ok(proc, report, expected_rows=1)

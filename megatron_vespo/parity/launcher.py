@@ -29,6 +29,7 @@ def _worker_command(layout: Layout, args, json_out: str) -> list[str]:
         "--correction", args.correction,
         "--aggregation", args.aggregation,
         "--temperature", str(args.temperature),
+        "--dispatcher", args.dispatcher,
         "--json-out", json_out,
     ]
     if args.bypass:
@@ -50,6 +51,9 @@ def validate_request(args) -> list[Layout]:
     for name in args.losses.split(","):
         LossConfig(name=name, correction=args.correction, aggregation=args.aggregation,
                    temperature=args.temperature, bypass=args.bypass).validate()
+    if args.dispatcher == "allgather" and any(layout.pp > 1 for layout in layouts):
+        raise ValueError("the allgather dispatcher rejects variable sequence lengths, which PP > 1 "
+                         "uses here; choose --dispatcher alltoall for pipeline layouts")
     for fmt in args.formats.split(","):
         if fmt not in ("padded", "packed"):
             raise ValueError(f"unknown format {fmt!r}; choose padded and/or packed")
@@ -96,6 +100,10 @@ def run_parity(args) -> int:
     env.setdefault("PYTHONWARNINGS", "ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
     rows: list[dict] = []
+    print("Each check runs Megatron-Core's real forward/backward (get_forward_backward_func, DDP,\n"
+          "finalize_model_grads) with the policy-loss hook on a seeded 4-layer MoE GPT (8 experts,\n"
+          "top-2, GQA, one dense layer) under a parallel layout, and compares the loss and EVERY\n"
+          "parameter gradient on EVERY rank with a single-process plain-PyTorch fp64 reference.")
     print(f"parity: {len(layouts)} layout(s), losses {args.losses}, formats {args.formats}, "
           f"tolerance {args.tolerance:g} (relative)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,5 +155,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per layout")
     parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"],
+                        help="MoE token dispatcher (allgather needs fixed sequence lengths: no PP)")
     parser.add_argument("--negative-control", action="store_true",
                         help="swap two experts in Megatron's weights: the check must then FAIL")
