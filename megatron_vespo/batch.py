@@ -83,6 +83,31 @@ def validate_samples(
         _check_logprobs("engine_logprobs", s.engine_logprobs, s.response_len, i)
 
 
+def samples_from_lists(
+    prompts: list,
+    responses: list,
+    advantages,
+    old_logprobs: list | None = None,
+    engine_logprobs: list | None = None,
+) -> list[Sample]:
+    """Build Samples from parallel per-sequence lists, naming any length that does not match."""
+    n = len(prompts)
+    columns = {"responses": responses, "advantages": advantages,
+               "old_logprobs": old_logprobs, "engine_logprobs": engine_logprobs}
+    for name, column in columns.items():
+        if column is not None and len(column) != n:
+            raise ValueError(f"{name} has {len(column)} entries but there are {n} prompts "
+                             f"(one per sequence expected)")
+    samples = []
+    for i in range(n):
+        prompt = torch.as_tensor(prompts[i], dtype=torch.long)
+        response = torch.as_tensor(responses[i], dtype=torch.long)
+        as_logprobs = lambda col: None if col is None else torch.as_tensor(col[i], dtype=torch.float32)  # noqa: E731
+        samples.append(Sample(torch.cat([prompt, response]), int(prompt.numel()), float(advantages[i]),
+                              as_logprobs(old_logprobs), as_logprobs(engine_logprobs)))
+    return samples
+
+
 @dataclass
 class MicroBatch:
     """Model inputs and per-token loss inputs, [b, s] (padded) or [1, T] (packed)."""

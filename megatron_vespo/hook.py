@@ -51,9 +51,10 @@ class HookGroups:
         )
 
 
-def _pair(total, count) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(total, dtype=torch.float64).reshape(()),
-                        torch.as_tensor(count, dtype=torch.float64).reshape(())])
+def _pair(total: torch.Tensor, count) -> torch.Tensor:
+    """[sum, count] in fp64 on the device of ``total``."""
+    total = total.detach().to(torch.float64).reshape(())
+    return torch.stack([total, torch.as_tensor(count, dtype=torch.float64, device=total.device).reshape(())])
 
 
 def sequence_statistics(tokens: TokenBatch, advantages: torch.Tensor, n_seq: int, cfg: LossConfig,
@@ -162,7 +163,7 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
         metrics["phi/adv_pos"] = _pair(phi[positive].sum() * scale, positive.sum() * scale)
         metrics["phi/adv_neg"] = _pair(phi[~positive].sum() * scale, (~positive).sum() * scale)
         metrics["phi/zero_frac"] = _pair((phi < PHI_ZERO).sum() * scale, n_seq * scale)
-    metrics["sequences"] = _pair(n_seq * scale, n_seq * scale)
+    metrics["sequences"] = _pair(stats.advantages.new_tensor(n_seq * scale), n_seq * scale)
     return metrics
 
 
@@ -201,11 +202,12 @@ def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
         names = box[0]
     if not names:
         return {}
-    table = torch.zeros((len(names), 2), dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors only
+    table = torch.zeros((len(names), 2), dtype=torch.float64, device=device)
     if last_stage:
         for entry in losses_reduced:
-            table += torch.stack([entry[n].double().cpu() for n in names])
+            table += torch.stack([entry[n].to(device=device, dtype=torch.float64) for n in names])
         comm.all_reduce_sum(table, ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         comm.broadcast_(table, ps.get_pipeline_model_parallel_last_rank(), pp_group)
-    return {n: (float(s / c) if c > 0 else float("nan")) for n, (s, c) in zip(names, table.tolist())}
+    return {n: (s / c if c > 0 else float("nan")) for n, (s, c) in zip(names, table.cpu().tolist())}

@@ -15,7 +15,6 @@ per-sequence values, so no per-token tensor ever crosses ranks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -306,7 +305,3 @@ def compute_loss(stats: SequenceStats, tokens: TokenBatch, cfg: LossConfig) -> t
     weights, corr_metrics = correction_weights(tokens, cfg)
     return out, weights, corr_metrics
 
-
-def bound_check(value: float, name: str) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} is not finite: {value}")

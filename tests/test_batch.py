@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from megatron_vespo.batch import (
-    Sample, build_micro_batch, cp_chunk_index, cp_token_index, partition, slice_for_cp, validate_samples,
+    Sample, build_micro_batch, cp_chunk_index, cp_token_index, partition, samples_from_lists, slice_for_cp,
+    validate_samples,
 )
 
 
@@ -103,3 +104,16 @@ def test_partition():
     assert plan[1][0] == [6, 7] and sum(len(m) for d in plan for m in d) == 12
     with pytest.raises(ValueError, match="do not divide"):
         partition(10, 4, 1)
+
+
+def test_samples_from_lists_checks_every_length():
+    samples = samples_from_lists([[1, 2], [3]], [[4, 5], [6]], [0.5, -0.5], [[-0.1, -0.2], [-0.3]])
+    assert samples[0].tokens.tolist() == [1, 2, 4, 5] and samples[1].prompt_len == 1
+    validate_samples(samples, 10)
+    with pytest.raises(ValueError, match="advantages has 3 entries but there are 2 prompts"):
+        samples_from_lists([[1], [2]], [[3], [4]], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="old_logprobs has 1 entries"):
+        samples_from_lists([[1], [2]], [[3], [4]], [1.0, 2.0], [[-1.0]])
+    bad = samples_from_lists([[1]], [[2, 3]], [1.0], [[-1.0]])
+    with pytest.raises(ValueError, match="old_logprobs has shape \\(1,\\), expected \\[2\\]"):
+        validate_samples(bad, 10)
