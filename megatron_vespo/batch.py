@@ -173,10 +173,12 @@ def build_micro_batch(
     seq_multiple: int = 1,
     total_multiple: int = 1,
     sample_ids: list[int] | None = None,
+    pad_to: int | None = None,
 ) -> MicroBatch:
     """Collate samples. Padded: rows padded to a common length (a multiple of ``seq_multiple``).
     Packed: each sequence padded to a multiple of ``seq_multiple``, plus a trailing padding
-    segment so the total is a multiple of ``total_multiple``."""
+    segment so the total is a multiple of ``total_multiple``. ``pad_to`` fixes the sequence
+    dimension (the allgather MoE dispatcher needs equal token counts on every rank)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown batch format {fmt!r}; choose one of {FORMATS}")
     if not samples:
@@ -188,10 +190,14 @@ def build_micro_batch(
         places = [(i, 0) for i in range(rows)]
     else:
         padded = [_round_up(n, seq_multiple) for n in lengths]
-        total = _round_up(sum(padded), max(total_multiple, seq_multiple))
-        rows, width = 1, total
+        rows, width = 1, _round_up(sum(padded), max(total_multiple, seq_multiple))
         starts = [sum(padded[:i]) for i in range(len(samples))]
         places = [(0, start) for start in starts]
+    if pad_to is not None:
+        if pad_to < width or pad_to % max(seq_multiple, total_multiple):
+            raise ValueError(f"pad_to={pad_to} is below the needed {width} or not a multiple of "
+                             f"{max(seq_multiple, total_multiple)}")
+        width = pad_to
     tokens = torch.zeros((rows, width), dtype=torch.long)
     labels = torch.zeros_like(tokens)
     mask = torch.zeros((rows, width), dtype=torch.float32)

@@ -110,10 +110,10 @@ def loss_from_logits(
         inplace_grad=inplace_grad,
     )
     if check_finite and not torch.isfinite(logp.detach()).all():
-        bad = (~torch.isfinite(logp.detach())).nonzero().flatten()[:5].tolist()
+        bad = ~torch.isfinite(logp.detach())
         raise FloatingPointError(
-            f"the model produced non-finite log-probs at {len(bad)}+ response tokens (first local "
-            f"indices {bad}); check the logits (NaN/inf) before training on this batch"
+            f"the model produced non-finite log-probs for {int(bad.sum())} response tokens (first "
+            f"local indices {bad.nonzero().flatten()[:5].tolist()}); the logits hold NaN/inf"
         )
     engine = None if mb.engine_logp is None else mb.engine_logp.reshape(-1)[rows]
     old = mb.old_logp.reshape(-1)[rows]

@@ -117,3 +117,11 @@ def test_samples_from_lists_checks_every_length():
     bad = samples_from_lists([[1]], [[2, 3]], [1.0], [[-1.0]])
     with pytest.raises(ValueError, match="old_logprobs has shape \\(1,\\), expected \\[2\\]"):
         validate_samples(bad, 10)
+
+
+def test_pad_to_fixes_the_sequence_dimension():
+    mb = build_micro_batch([sample(2, 3), sample(1, 1)], "packed", seq_multiple=2, pad_to=12)
+    assert mb.tokens.shape == (1, 12) and mb.cu_seqlens_padded.tolist() == [0, 6, 8, 12]
+    assert build_micro_batch([sample(2, 3)], "padded", pad_to=9).tokens.shape == (1, 9)
+    with pytest.raises(ValueError, match="pad_to=4 is below the needed 8"):
+        build_micro_batch([sample(2, 3), sample(1, 1)], "packed", seq_multiple=2, pad_to=4)

@@ -134,11 +134,12 @@ def run(args) -> dict | None:
         for loss_name in args.losses.split(","):
             cfg = LossConfig(name=loss_name, correction=args.correction, aggregation=args.aggregation,
                              temperature=args.temperature, bypass=args.bypass).validate()
-            local = [
-                slice_for_cp(build_micro_batch([samples[i] for i in ids], fmt, seq_multiple,
-                                               total_multiple, ids), cp, cp_rank)
-                for ids in plan[dp_rank]
-            ]
+            build = lambda ids, pad_to=None: build_micro_batch(  # noqa: E731
+                [samples[i] for i in ids], fmt, seq_multiple, total_multiple, ids, pad_to)
+            pad_to = None
+            if args.dispatcher == "allgather":  # every rank must hold the same number of tokens
+                pad_to = max(build(ids).tokens.shape[1] for ids in all_micro_batches)
+            local = [slice_for_cp(build(ids, pad_to), cp, cp_rank) for ids in plan[dp_rank]]
             ddp.zero_grad_buffer()
             counted = {tag: comm.COUNTER[tag] for tag in (TP_TAG, CP_TAG)}
             start = time.perf_counter()
