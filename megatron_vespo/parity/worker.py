@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -83,22 +83,14 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
-def run(args) -> dict | None:
-    from megatron.core import parallel_state as ps
+def build_megatron(args, layout, m: MoEModelConfig):
+    """The GPT chunk of this rank with the seeded weights, wrapped in Megatron's DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_vespo.hook import CP_TAG, HookGroups, make_forward_step, reduce_metrics
-    from megatron_vespo.logprobs import TP_TAG
     from megatron_vespo.mcore.model import build_gpt_model, transformer_config
-    from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
-    from megatron_vespo.mcore.weights import ShardContext, load_hf_state, local_tensor
+    from megatron_vespo.mcore.weights import ShardContext, load_hf_state
 
-    layout = Layout.parse(args.layout)
-    m = tiny_model_config()
-    m.check_layout(layout)
-    initialize_model_parallel(layout, seed=args.seed)
     config = transformer_config(m, layout, moe_token_dispatcher_type=args.dispatcher)
     gpt = build_gpt_model(m, config)
     ctx = ShardContext.from_model(gpt, m)
@@ -114,6 +106,35 @@ def run(args) -> dict | None:
     )
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
+    return gpt, ddp, ctx
+
+
+def worst_gradient(gpt, ref_grads, ctx) -> tuple[float, str]:
+    """Largest relative difference of this rank's reduced gradients from the reference's slices."""
+    from megatron_vespo.mcore.weights import local_tensor
+
+    worst_name, worst = "", 0.0
+    for name, param in gpt.named_parameters():
+        grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
+        diff = relative_difference(grad, local_tensor(name, ref_grads, ctx))
+        if diff > worst or not math.isfinite(diff):
+            worst_name, worst = name, diff
+    return worst, worst_name
+
+
+def run(args) -> dict | None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vespo.hook import CP_TAG, HookGroups, make_forward_step, reduce_metrics
+    from megatron_vespo.logprobs import TP_TAG
+    from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+
+    layout = Layout.parse(args.layout)
+    m = tiny_model_config()
+    m.check_layout(layout)
+    initialize_model_parallel(layout, seed=args.seed)
+    gpt, ddp, ctx = build_megatron(args, layout, m)
 
     rank = torch.distributed.get_rank()
     samples = None
@@ -122,24 +143,24 @@ def run(args) -> dict | None:
         validate_samples(samples, m.vocab_size, need_engine=True)
     samples = comm.broadcast_object(samples)
 
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     cp, cp_rank = layout.cp, ps.get_context_parallel_rank()
-    plan = partition(len(samples), dp, args.microbatches)
+    plan = partition(len(samples), ps.get_data_parallel_world_size(), args.microbatches)
     all_micro_batches = [ids for rank_plan in plan for ids in rank_plan]
     seq_multiple = 2 * cp if cp > 1 else 1
-    total_multiple = seq_multiple * layout.tp
+    total_multiple = seq_multiple * layout.tp  # sequence parallelism splits the tokens over TP
     groups = HookGroups.from_parallel_state()
-    rows = []
+    rows, references = [], {}
     for fmt in args.formats.split(","):
+        def build(ids, pad_to=None):
+            return build_micro_batch([samples[i] for i in ids], fmt, seq_multiple, total_multiple, ids, pad_to)
+
+        pad_to = None
+        if args.dispatcher == "allgather":  # every rank must hold the same number of tokens
+            pad_to = max(build(ids).tokens.shape[1] for ids in all_micro_batches)
+        local = [slice_for_cp(build(ids, pad_to), cp, cp_rank) for ids in plan[ps.get_data_parallel_rank()]]
         for loss_name in args.losses.split(","):
             cfg = LossConfig(name=loss_name, correction=args.correction, aggregation=args.aggregation,
                              temperature=args.temperature, bypass=args.bypass).validate()
-            build = lambda ids, pad_to=None: build_micro_batch(  # noqa: E731
-                [samples[i] for i in ids], fmt, seq_multiple, total_multiple, ids, pad_to)
-            pad_to = None
-            if args.dispatcher == "allgather":  # every rank must hold the same number of tokens
-                pad_to = max(build(ids).tokens.shape[1] for ids in all_micro_batches)
-            local = [slice_for_cp(build(ids, pad_to), cp, cp_rank) for ids in plan[dp_rank]]
             ddp.zero_grad_buffer()
             counted = {tag: comm.COUNTER[tag] for tag in (TP_TAG, CP_TAG)}
             start = time.perf_counter()
@@ -155,31 +176,25 @@ def run(args) -> dict | None:
             step_s = time.perf_counter() - start
             hook_calls = {tag: (comm.COUNTER[tag] - counted[tag]) / len(local) for tag in counted}
             metrics = reduce_metrics(losses_reduced)
-            ref = None
-            if rank == 0:
-                ref = reference_results(m, args.seed, samples, all_micro_batches, cfg)
-            ref_loss, ref_grads = comm.broadcast_object(ref)
-            worst_name, worst = "", 0.0
-            for name, param in gpt.named_parameters():
-                grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
-                diff = relative_difference(grad, local_tensor(name, ref_grads, ctx))
-                if diff > worst or not math.isfinite(diff):
-                    worst_name, worst = name, diff
-            loss_diff = abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
-            last = ps.is_pipeline_last_stage()
-            per_rank = comm.gather_objects((worst, worst_name, rank, hook_calls if last else None))
+            if rank == 0 and loss_name not in references:  # the same for every batch format
+                references[loss_name] = reference_results(m, args.seed, samples, all_micro_batches, cfg)
+            ref_loss, ref_grads = comm.broadcast_object(references.get(loss_name))
+            worst, worst_name = worst_gradient(gpt, ref_grads, ctx)
+            calls = hook_calls if ps.is_pipeline_last_stage() else None
+            per_rank = comm.gather_objects((worst, worst_name, rank, calls))
             if rank == 0:
                 worst_all = max(per_rank, key=lambda r: r[:2])
                 calls = [r[3] for r in per_rank if r[3] is not None]
-                per_microbatch = {
-                    "tp_logprobs_all_gather": max(c[TP_TAG] for c in calls),
-                    "cp_sequence_stats_all_reduce": max(c[CP_TAG] for c in calls),
-                }
                 rows.append(dict(
                     layout=str(layout), format=fmt, loss=loss_name, ref_loss=ref_loss,
-                    megatron_loss=metrics["policy_loss"], loss_rel_diff=loss_diff,
+                    megatron_loss=metrics["policy_loss"],
+                    loss_rel_diff=abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12),
                     grad_rel_diff=worst_all[0], worst_param=f"rank{worst_all[2]}:{worst_all[1]}",
-                    step_seconds=step_s, metrics=metrics, hook_collectives_per_microbatch=per_microbatch,
+                    step_seconds=step_s, metrics=metrics,
+                    hook_collectives_per_microbatch={
+                        "tp_logprobs_all_gather": max(c[TP_TAG] for c in calls),
+                        "cp_sequence_stats_all_reduce": max(c[CP_TAG] for c in calls),
+                    },
                 ))
     if rank == 0:
         return dict(layout=str(layout), world_size=layout.world_size, rows=rows, model=asdict(m))
