@@ -27,8 +27,11 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 600) -> subpr
            str(DIST / script), *args]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
+        errors = "\n".join(line for line in proc.stderr.splitlines()
+                           if "Error" in line or "error" in line or "assert" in line)[-4000:]
         pytest.fail(f"{script} {' '.join(args)} failed (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+                    f"{proc.stdout[-3000:]}\n--- error lines ---\n{errors}\n--- stderr tail ---\n"
+                    f"{proc.stderr[-3000:]}")
     return proc
 
 
