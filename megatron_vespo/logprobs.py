@@ -42,15 +42,10 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
-def _load_rows(logits, rows, acc, temperature):
-    """fp32 (or wider) copy of ``logits[rows] / temperature`` in the workspace."""
-    z = _workspace("z", rows.numel(), logits.shape[-1], acc, logits.device)
-    if logits.dtype == acc:
-        torch.index_select(logits, 0, rows, out=z)
-    else:
-        stage = _workspace("stage", rows.numel(), logits.shape[-1], logits.dtype, logits.device)
-        torch.index_select(logits, 0, rows, out=stage)
-        z.copy_(stage)
+def _load_rows(logits, row, count, acc, temperature):
+    """fp32 (or wider) copy of ``logits[row:row + count] / temperature`` in the workspace."""
+    z = _workspace("z", count, logits.shape[-1], acc, logits.device)
+    z.copy_(logits[row:row + count])  # converts bf16 -> fp32 on the way
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -77,8 +72,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     * in place (``inplace_grad`` and fp32 logits, as in training): each chunk is a view of the
       logits; the forward leaves exp(z - max) there and the backward turns it into the gradient
       (Megatron's vocab-parallel cross-entropy does the same) -- no copies, no recompute;
-    * copy (otherwise, e.g. bf16 logits someone else still reads): each chunk is copied to an
-      fp32 workspace and the softmax is recomputed in the backward.
+    * copy (otherwise, e.g. bf16 logits): each chunk is copied to an fp32 workspace and the
+      softmax is recomputed in the backward.
+
+    Chunks are runs of consecutive rows (response tokens are contiguous), so they are slices.
     """
 
     @staticmethod
@@ -99,7 +96,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 if temperature != 1.0:
                     z.div_(temperature)
             else:
-                z = _load_rows(logits, rows[i:i + count], acc, temperature)
+                z = _load_rows(logits, row, count, acc, temperature)
             m = z.amax(dim=-1)
             target_logit = z.gather(1, safe_targets[i:i + count]).squeeze(1)
             z.sub_(m.unsqueeze(1))
@@ -144,17 +141,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 z = logits[row:row + count]
                 z.mul_((-g * torch.exp(shift[i:i + count] - log_z[i:i + count])).unsqueeze(1))
             else:
-                z = _load_rows(logits, rows[i:i + count], log_z.dtype, ctx.temperature)
+                z = _load_rows(logits, row, count, log_z.dtype, ctx.temperature)
                 z.sub_(log_z[i:i + count].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
             mine = owned[i:i + count].nonzero().squeeze(1)
             z[mine, local_targets[i:i + count][mine]] += g[mine]
             if ctx.temperature != 1.0:
                 z.div_(ctx.temperature)
             if not ctx.in_place:
-                if grad_logits.dtype != z.dtype:
-                    stage = _workspace("stage", z.shape[0], z.shape[1], grad_logits.dtype, z.device)
-                    z = stage.copy_(z)
-                grad_logits[row:row + count] = z
+                grad_logits[row:row + count] = z  # converts to the logits' dtype
         return grad_logits, None, None, None, None, None, None, None
 
 
