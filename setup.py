@@ -18,6 +18,9 @@ setup(
         # Megatron-Core needs these without declaring them (dist_checkpointing, inference).
         "psutil",
         "tqdm",
+        # One transformers major: config layouts differ between 4 and 5 (rope, expert counts).
+        "transformers>=5.20,<6",
+        "safetensors",
     ],
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): build it from

@@ -29,10 +29,14 @@ def transformer_engine_available() -> bool:
     return True
 
 
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "qwen3", "llama")
+
+
 @dataclass
 class MoEModelConfig:
-    """Architecture in Hugging Face Qwen3-MoE terms."""
+    """Architecture in Hugging Face terms (Qwen3-MoE by default; ``num_experts=0`` is dense)."""
 
+    family: str = "qwen3_moe"
     vocab_size: int = 512
     hidden_size: int = 64
     num_layers: int = 4
@@ -49,14 +53,25 @@ class MoEModelConfig:
     qk_layernorm: bool = True
     max_position_embeddings: int = 4096
     moe_aux_loss_coeff: float = 0.0
+    qkv_bias: bool = False  # Qwen2-MoE
+    shared_expert_size: int = 0  # Qwen2-MoE shared expert (0: none)
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
+    router_pre_softmax: bool = False  # softmax over all experts, top-k NOT renormalised
+    tie_word_embeddings: bool = False
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def validate(self) -> "MoEModelConfig":
+        if self.family not in FAMILIES:
+            raise ValueError(f"unsupported model family {self.family!r}; supported: {FAMILIES}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_query_groups {self.num_query_groups}"
             )
-        if self.moe_router_topk > self.num_experts:
+        if self.is_moe and self.moe_router_topk > self.num_experts:
             raise ValueError(f"moe_router_topk {self.moe_router_topk} > num_experts {self.num_experts}")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         if bad:
@@ -72,10 +87,17 @@ class MoEModelConfig:
             ("num_query_groups", self.num_query_groups, layout.tp, "tp"),
             ("vocab_size", self.vocab_size, layout.tp, "tp"),
             ("num_layers", self.num_layers, layout.pp, "pp"),
-            ("num_experts", self.num_experts, layout.ep, "ep"),
-            ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, layout.expert_tp, "etp"),
             ("ffn_hidden_size", self.ffn_hidden_size, layout.tp, "tp"),
         ]
+        if self.is_moe:
+            checks += [
+                ("num_experts", self.num_experts, layout.ep, "ep"),
+                ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, layout.expert_tp, "etp"),
+            ]
+            if self.shared_expert_size:
+                checks.append(("shared_expert_size", self.shared_expert_size, layout.tp, "tp"))
+        elif layout.ep > 1:
+            raise ValueError(f"expert parallelism (ep = {layout.ep}) needs an MoE model; {self.family} is dense")
         for name, value, size, key in checks:
             if value % size:
                 raise ValueError(f"{name} = {value} is not divisible by {key} = {size} (layout {layout})")
@@ -88,9 +110,9 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     model.validate().check_layout(layout)
-    if overrides.get("add_bias_linear"):
+    if overrides.get("add_bias_linear") and model.is_moe:
         raise ValueError("add_bias_linear=True is not supported with MoE layers; leave it False")
-    if layout.tp > 1 and overrides.get("sequence_parallel") is False:
+    if layout.tp > 1 and overrides.get("sequence_parallel") is False and model.is_moe:
         raise ValueError(f"sequence_parallel=False contradicts tp={layout.tp} with MoE: MoELayer requires it")
     te = transformer_engine_available()
     settings = dict(
@@ -106,22 +128,13 @@ def transformer_config(
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
         sequence_parallel=layout.tp > 1,
-        num_moe_experts=model.num_experts,
-        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-        moe_router_topk=model.moe_router_topk,
-        moe_layer_freq=[0 if i in model.dense_layers else 1 for i in range(model.num_layers)],
-        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-        moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
-        moe_router_dtype="fp32",
         normalization="RMSNorm",
         layernorm_epsilon=model.rms_norm_eps,
         qk_layernorm=model.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -130,7 +143,6 @@ def transformer_config(
         masked_softmax_fusion=te,
         apply_rope_fusion=te,
         gradient_accumulation_fusion=False,
-        moe_permute_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=params_dtype,
@@ -138,8 +150,25 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         calculate_per_token_loss=True,
         variable_seq_lengths=layout.pp > 1,
+        # Megatron's default (allgather) refuses variable lengths even in dense models.
+        moe_token_dispatcher_type="alltoall",
         init_method_std=0.02,
     )
+    if model.is_moe:
+        settings.update(
+            num_moe_experts=model.num_experts,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_router_topk=model.moe_router_topk,
+            moe_layer_freq=[0 if i in model.dense_layers else 1 for i in range(model.num_layers)],
+            moe_router_pre_softmax=model.router_pre_softmax,
+            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+            moe_router_dtype="fp32",
+            moe_shared_expert_intermediate_size=model.shared_expert_size or None,
+            moe_shared_expert_gate=model.shared_expert_gate,
+        )
     unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)}]
     if unknown:
         raise ValueError(f"unknown TransformerConfig settings: {unknown}")
@@ -174,7 +203,7 @@ def build_gpt_model(model: MoEModelConfig, config):
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta),
     )

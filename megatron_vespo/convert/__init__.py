@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron-Core conversion: model families, sliced loading, streamed export."""

@@ -1,0 +1,157 @@
+"""Tiny random Hugging Face models of each family, loaded from safetensors into Megatron-Core under
+--layout; fp32 logits compared with transformers' own forward. Prints one JSON line on rank 0.
+
+  --negative-control: swap experts 0 and 1 of the first MoE layer on the Megatron side.
+"""
+
+import argparse
+import json
+import os
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, rms_norm_eps=1e-6, initializer_range=0.1)
+
+
+def make_hf_model(family: str, directory: str) -> None:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**TINY, head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+                                tie_word_embeddings=False)
+        model = tf.Qwen3MoeForCausalLM(cfg)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**TINY, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+                                num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2,
+                                tie_word_embeddings=False)
+        model = tf.Qwen2MoeForCausalLM(cfg)
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+        model = tf.MixtralForCausalLM(cfg)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True)
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(**TINY, tie_word_embeddings=False)
+        model = tf.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(directory)
+
+
+def swapped_experts(src, m, layer):
+    """A TensorSource that exchanges experts 0 and 1 of one layer (a typical mapping bug)."""
+    from megatron_vespo.mcore.weights import TensorSource, naming
+
+    class SwappedExperts(TensorSource):
+        def __init__(self):
+            nm = naming(m)
+            self.swap = {}
+            for w in ("gate", "up", "down"):
+                a, b = nm.expert(layer, 0, w), nm.expert(layer, 1, w)
+                self.swap[a], self.swap[b] = b, a
+
+        def shape(self, name):
+            return src.shape(self.swap.get(name, name))
+
+        def read(self, name, dim=None, start=0, stop=None):
+            return src.read(self.swap.get(name, name), dim, start, stop)
+
+    return SwappedExperts()
+
+
+def megatron_logits(m, directory, layout, tokens, negative_control):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vespo import comm
+    from megatron_vespo.mcore.model import build_gpt_model, transformer_config
+    from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, TensorSource, load_hf_state
+
+    config = transformer_config(m, layout)
+    gpt = build_gpt_model(m, config)
+    source = SafetensorsSource(directory)
+    used: TensorSource = source
+    if negative_control:
+        used = swapped_experts(source, m, min(i for i in range(m.num_layers) if i not in m.dense_layers))
+    load_hf_state(gpt, used, ShardContext.from_model(gpt, m))
+    gpt.eval()
+    captured = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch, torch.arange(batch.shape[1]).expand_as(batch), None)
+
+        def loss_func(output):
+            captured.append(output.detach())
+            return output.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+        return out, loss_func
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[gpt],
+                                    num_microbatches=1, seq_length=tokens.shape[1],
+                                    micro_batch_size=tokens.shape[0], forward_only=True)
+    logits = None
+    if ps.is_pipeline_last_stage():
+        shards = comm.all_gather_stack(captured[0].contiguous(), ps.get_tensor_model_parallel_group())
+        logits = torch.cat(list(shards.unbind(0)), dim=-1)
+    return logits, source.bytes_read
+
+
+def main():
+    from megatron_vespo import comm
+    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layout", required=True)
+    parser.add_argument("--families", default="qwen3_moe,qwen2_moe,mixtral,qwen3,llama")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--negative-control", action="store_true")
+    args = parser.parse_args()
+    layout = Layout.parse(args.layout)
+    initialize_model_parallel(layout)
+    rank = torch.distributed.get_rank()
+    families = args.families.split(",")
+    for family in families:
+        directory = os.path.join(args.workdir, family)
+        if rank == 0 and not os.path.exists(os.path.join(directory, "config.json")):
+            make_hf_model(family, directory)
+    comm.barrier()
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    report = {}
+    for family in families:
+        directory = os.path.join(args.workdir, family)
+        m = model_config_from_hf(load_hf_config(directory))
+        if not m.is_moe and layout.ep > 1:
+            continue
+        logits, bytes_read = megatron_logits(m, directory, layout, tokens, args.negative_control)
+        result = None
+        if logits is not None:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+            with torch.no_grad():
+                expected = hf(tokens).logits
+            result = ((logits - expected).norm() / expected.norm()).item()
+        total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+                    if f.endswith(".safetensors"))
+        results = comm.gather_objects((result, bytes_read / total))
+        if rank == 0:
+            report[family] = {"rel_diff": max(r[0] for r in results if r[0] is not None),
+                              "max_read_fraction": max(r[1] for r in results)}
+    if rank == 0:
+        print("HF_LOGITS", json.dumps(report))
+    comm.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
