@@ -8,7 +8,7 @@ import torch
 
 from megatron_vespo.convert.families import model_config_from_hf, rope_theta
 from megatron_vespo.mcore.model import MoEModelConfig
-from megatron_vespo.mcore.weights import DictSource, ShardContext, hf_names, local_tensor
+from megatron_vespo.mcore.weights import DictSource, ShardContext, hf_shapes, local_tensor
 from tests.conftest import torchrun
 
 # Qwen3-30B-A3B-Base's config.json as transformers 4 wrote it (abridged to the keys that matter)
@@ -80,10 +80,7 @@ def _ctx(m, **ranks):
 def test_transformer_engine_names_map_to_the_same_tensors():
     m = MoEModelConfig(num_layers=1, num_experts=4, dense_layers=())
     gen = torch.Generator().manual_seed(0)
-    from megatron_vespo.parity.reference import _shapes
-
-    shapes = _shapes(m)
-    tensors = {n: torch.randn(shapes(n), generator=gen) for n in hf_names(m)}
+    tensors = {n: torch.randn(shape, generator=gen) for n, shape in hf_shapes(m).items()}
     ctx = _ctx(m, ep=2, ep_rank=1)
     pairs = [
         ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.input_layernorm.weight"),
@@ -128,12 +125,16 @@ def _report(proc):
 
 
 @pytest.mark.parametrize("layout,nproc", [("single", 1), ("tp2", 2), ("ep2", 2), ("pp2", 2), ("tp2ep2", 4)])
-def test_hf_logits_match_transformers(hf_workdir, layout, nproc):
-    report = _report(torchrun("hf_logits.py", nproc, "--layout", layout, "--workdir", str(hf_workdir)))
+def test_hf_logits_match_transformers_and_export_round_trips(hf_workdir, layout, nproc):
+    report = _report(torchrun("hf_logits.py", nproc, "--layout", layout, "--roundtrip",
+                              "--workdir", str(hf_workdir)))
     families = {"qwen3_moe", "qwen2_moe", "mixtral"} | ({"qwen3", "llama"} if "ep" not in layout else set())
     assert set(report) == families
     for family, r in report.items():
         assert r["rel_diff"] <= 1e-5, (family, r)
+        # HF -> Megatron (this layout) -> HF in 16 KiB buckets is bit-exact, one file per bucket
+        assert r["roundtrip"]["exact"], (family, r)
+        assert r["roundtrip"]["files"] == r["roundtrip"]["planned"] > 1
         if layout == "tp2":
             assert r["max_read_fraction"] < 0.6, (family, r)  # each rank reads only its slices
 
@@ -143,3 +144,17 @@ def test_swapped_experts_are_detected(hf_workdir):
                               "--negative-control", "--workdir", str(hf_workdir)))
     for family, r in report.items():
         assert r["rel_diff"] > 1e-2, (family, r)
+
+
+def test_buckets_are_bounded_and_ordered():
+    from megatron_vespo.convert.export import plan_buckets
+
+    m = MoEModelConfig(num_layers=2, num_experts=4)
+    shapes = hf_shapes(m)
+    buckets = plan_buckets(m, torch.bfloat16, 20_000)
+    assert [n for b in buckets for n in b] == list(shapes)  # every tensor once, in order
+    for b in buckets:
+        nbytes = sum(2 * torch.Size(shapes[n]).numel() for n in b)
+        assert nbytes <= 20_000 or len(b) == 1
+    with pytest.raises(ValueError, match="bucket_bytes must be > 0"):
+        plan_buckets(m, torch.float32, 0)

@@ -81,6 +81,36 @@ def hf_names(m: MoEModelConfig) -> list[str]:
     return names
 
 
+def hf_shapes(m: MoEModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every HF tensor of the model."""
+    h, d = m.hidden_size, m.head_dim
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    shapes = {}
+    for name in hf_names(m):
+        leaf = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            shape = (m.vocab_size, h)
+        elif leaf in ("q_norm", "k_norm"):
+            shape = (d,)
+        elif leaf.endswith("layernorm") or name == "model.norm.weight":
+            shape = (h,)
+        elif leaf in ("q_proj", "k_proj", "v_proj"):
+            rows = q if leaf == "q_proj" else kv
+            shape = (rows,) if name.endswith(".bias") else (rows, h)
+        elif leaf == "o_proj":
+            shape = (h, q)
+        elif leaf == "gate" and ".experts." not in name:  # the router
+            shape = (m.num_experts, h)
+        elif leaf == "shared_expert_gate":
+            shape = (1, h)
+        else:
+            ffn = (m.moe_ffn_hidden_size if ".experts." in name else
+                   m.shared_expert_size if ".shared_expert." in name else m.ffn_hidden_size)
+            shape = (h, ffn) if leaf in ("down_proj", "w2") else (ffn, h)
+        shapes[name] = shape
+    return shapes
+
+
 # ----------------------------------------------------------------------------- sources
 class TensorSource:
     """Read HF tensors, or row/column ranges of them, by name."""

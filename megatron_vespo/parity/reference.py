@@ -17,16 +17,14 @@ from megatron_vespo import losses
 from megatron_vespo.batch import Sample
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 from megatron_vespo.mcore.model import MoEModelConfig
-from megatron_vespo.mcore.weights import hf_names
+from megatron_vespo.mcore.weights import hf_shapes
 
 
 def init_hf_state(m: MoEModelConfig, seed: int, std: float = 0.08) -> dict[str, torch.Tensor]:
     """Seeded random weights under HF names (norm gains around 1, decisive routers)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = _shapes(m)
     state = {}
-    for name in hf_names(m):
-        shape = shapes(name)
+    for name, shape in hf_shapes(m).items():
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name.endswith("mlp.gate.weight"):
@@ -34,32 +32,6 @@ def init_hf_state(m: MoEModelConfig, seed: int, std: float = 0.08) -> dict[str, 
         else:
             state[name] = std * torch.randn(shape, generator=gen)
     return state
-
-
-def _shapes(m: MoEModelConfig):
-    h, d = m.hidden_size, m.head_dim
-
-    def shape(name: str) -> tuple[int, ...]:
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return (m.vocab_size, h)
-        if name.endswith("norm.weight") and ("q_norm" in name or "k_norm" in name):
-            return (d,)
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            return (h,)
-        if name.endswith("q_proj.weight"):
-            return (m.num_attention_heads * d, h)
-        if name.endswith("k_proj.weight") or name.endswith("v_proj.weight"):
-            return (m.num_query_groups * d, h)
-        if name.endswith("o_proj.weight"):
-            return (h, m.num_attention_heads * d)
-        if name.endswith("mlp.gate.weight"):
-            return (m.num_experts, h)
-        ffn = m.moe_ffn_hidden_size if ".experts." in name else m.ffn_hidden_size
-        if name.endswith("down_proj.weight"):
-            return (h, ffn)
-        return (ffn, h)  # gate_proj / up_proj
-
-    return shape
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,24 @@ def megatron_logits(m, directory, layout, tokens, negative_control):
     if ps.is_pipeline_last_stage():
         shards = comm.all_gather_stack(captured[0].contiguous(), ps.get_tensor_model_parallel_group())
         logits = torch.cat(list(shards.unbind(0)), dim=-1)
-    return logits, source.bytes_read
+    return logits, source.bytes_read, gpt
+
+
+def roundtrip_exact(gpt, m, directory, out_dir) -> dict | None:
+    """Export from this layout in small buckets and compare every tensor bit for bit."""
+    from megatron_vespo.convert.export import plan_buckets, save_hf_checkpoint
+    from megatron_vespo.convert.families import load_hf_config
+    from megatron_vespo.mcore.weights import SafetensorsSource
+
+    bucket_bytes = 16 * 1024
+    files = save_hf_checkpoint(gpt, m, out_dir, load_hf_config(directory), bucket_bytes=bucket_bytes)
+    if torch.distributed.get_rank() != 0:
+        return None
+    original, exported = SafetensorsSource(directory), SafetensorsSource(out_dir)
+    mismatched = [n for n in original.weight_map if not torch.equal(original.read(n), exported.read(n))]
+    extra = sorted(set(exported.weight_map) - set(original.weight_map))
+    return {"exact": not mismatched and not extra, "mismatched": mismatched[:5], "extra": extra[:5],
+            "files": len(files), "planned": len(plan_buckets(m, torch.float32, bucket_bytes))}
 
 
 def main():
@@ -115,6 +132,7 @@ def main():
     parser.add_argument("--families", default="qwen3_moe,qwen2_moe,mixtral,qwen3,llama")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--negative-control", action="store_true")
+    parser.add_argument("--roundtrip", action="store_true", help="also export and compare bit for bit")
     args = parser.parse_args()
     layout = Layout.parse(args.layout)
     initialize_model_parallel(layout)
@@ -132,7 +150,10 @@ def main():
         m = model_config_from_hf(load_hf_config(directory))
         if not m.is_moe and layout.ep > 1:
             continue
-        logits, bytes_read = megatron_logits(m, directory, layout, tokens, args.negative_control)
+        logits, bytes_read, gpt = megatron_logits(m, directory, layout, tokens, args.negative_control)
+        roundtrip = None
+        if args.roundtrip:
+            roundtrip = roundtrip_exact(gpt, m, directory, os.path.join(args.workdir, f"export-{layout}-{family}"))
         result = None
         if logits is not None:
             from transformers import AutoModelForCausalLM
@@ -146,7 +167,7 @@ def main():
         results = comm.gather_objects((result, bytes_read / total))
         if rank == 0:
             report[family] = {"rel_diff": max(r[0] for r in results if r[0] is not None),
-                              "max_read_fraction": max(r[1] for r in results)}
+                              "max_read_fraction": max(r[1] for r in results), "roundtrip": roundtrip}
     if rank == 0:
         print("HF_LOGITS", json.dumps(report))
     comm.barrier()

@@ -1,0 +1,175 @@
+"""Megatron-Core (any layout) -> Hugging Face-named tensors, streamed in buckets of bounded bytes.
+
+``export_hf`` is the single source for checkpoint export and for weight sync to inference engines.
+Every rank must iterate it to the end (each bucket is one collective); the destination rank gets
+the full tensors, the others empty buckets.
+
+How pieces are located: the load mapping (:func:`weights.local_tensor`) is run on a probe source
+whose entries are their own coordinates (tensor id << 40 | flat index), so each parameter element
+knows which HF tensor element it is. No inverse mapping is written by hand, so loading and export
+cannot drift apart. The destination checks that every element of every tensor arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from megatron_vespo import comm
+from megatron_vespo.mcore.model import MoEModelConfig
+from megatron_vespo.mcore.weights import ShardContext, TensorSource, hf_shapes, local_tensor
+
+ID_SHIFT = 40
+
+
+class _CoordinateSource(TensorSource):
+    """Each HF tensor reads as its own coordinates; slices are built without the whole tensor."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], ids: dict[str, int], device="meta"):
+        self.shapes, self.ids, self.device = shapes, ids, device
+        self.names_read: set[str] = set()
+
+    def shape(self, name):
+        if name not in self.shapes:
+            raise KeyError(f"missing tensor {name!r}")
+        return self.shapes[name]
+
+    def read(self, name, dim=None, start=0, stop=None):
+        shape = self.shape(name)
+        self.names_read.add(name)
+        if self.device == "meta":
+            sizes = list(shape)
+            if dim is not None:
+                sizes[dim] = (stop if stop is not None else shape[dim]) - start
+            return torch.empty(sizes, dtype=torch.int64, device="meta")
+        strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+        index = torch.full((1,) * len(shape), self.ids[name] << ID_SHIFT, dtype=torch.int64)
+        for k, size in enumerate(shape):
+            lo, hi = (start, stop if stop is not None else size) if k == dim else (0, size)
+            view = [1] * len(shape)
+            view[k] = hi - lo
+            index = index + (torch.arange(lo, hi, dtype=torch.int64) * strides[k]).view(view)
+        return index
+
+
+def _owns(param, ps) -> bool:
+    """Send each element once: one data-parallel replica, one TP rank for TP-replicated params."""
+    expert = not getattr(param, "allreduce", True)
+    if expert:
+        if ps.get_expert_data_parallel_rank() != 0:
+            return False
+    elif ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return False
+    if not getattr(param, "tensor_model_parallel", False):
+        tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+        return tp_rank == 0
+    return True
+
+
+def plan_buckets(m: MoEModelConfig, dtype: torch.dtype, bucket_bytes: int) -> list[list[str]]:
+    """HF names grouped in order into buckets of at most ``bucket_bytes`` (one tensor may exceed it)."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    size = torch.empty((), dtype=dtype).element_size()
+    buckets, current, used = [], [], 0
+    for name, shape in hf_shapes(m).items():
+        nbytes = math.prod(shape) * size
+        if current and used + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst: int = 0,
+              dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective."""
+    from megatron.core import parallel_state as ps
+
+    shapes = hf_shapes(m)
+    ids = {name: i for i, name in enumerate(shapes)}
+    names_by_id = list(shapes)
+    ctx = ShardContext.from_model(gpt_model, m)
+    params = [(name, p) for name, p in gpt_model.named_parameters() if _owns(p, ps)]
+    touched = {}  # which HF tensors each owned parameter holds (found on meta tensors: free)
+    for name, _ in params:
+        probe = _CoordinateSource(shapes, ids)
+        local_tensor(name, probe, ctx)
+        touched[name] = probe.names_read
+    if dtype is None:
+        dtype = next(p.dtype for _, p in gpt_model.named_parameters())
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for bucket in plan_buckets(m, dtype, bucket_bytes):
+        wanted = set(bucket)
+        pieces = []
+        for name, param in params:
+            if not touched[name] & wanted:
+                continue
+            coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx).reshape(-1)
+            tensor_ids = coords >> ID_SHIFT
+            values = param.detach().reshape(-1).to("cpu", dtype)
+            for hf_id in tensor_ids.unique().tolist():
+                if names_by_id[hf_id] in wanted:
+                    keep = tensor_ids == hf_id
+                    pieces.append((hf_id, coords[keep] & ((1 << ID_SHIFT) - 1), values[keep]))
+        gathered = comm.gather_objects(pieces, dst=dst)
+        if rank != dst:
+            yield []
+            continue
+        yield _assemble(bucket, shapes, ids, [p for rank_pieces in gathered for p in rank_pieces], dtype)
+
+
+def _assemble(bucket, shapes, ids, pieces, dtype):
+    out = []
+    by_id = {}
+    for hf_id, flat, values in pieces:
+        by_id.setdefault(hf_id, []).append((flat, values))
+    for name in bucket:
+        full = torch.empty(math.prod(shapes[name]), dtype=dtype)
+        covered = torch.zeros(full.numel(), dtype=torch.bool)
+        for flat, values in by_id.get(ids[name], []):
+            full[flat] = values
+            covered[flat] = True
+        if not covered.all():
+            raise RuntimeError(f"export: {int((~covered).sum())} elements of {name} came from no rank")
+        out.append((name, full.view(shapes[name])))
+    return out
+
+
+def save_hf_checkpoint(gpt_model, m: MoEModelConfig, out_dir: str, hf_config: dict,
+                       bucket_bytes: int = 2 * 2**30, dtype: torch.dtype | None = None,
+                       progress=None) -> list[str]:
+    """Write HF safetensors shards (one per bucket), the index and config.json on global rank 0."""
+    from safetensors.torch import save_file
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if dtype is None:
+        dtype = next(p.dtype for _, p in gpt_model.named_parameters())
+    n_buckets = len(plan_buckets(m, dtype, bucket_bytes))
+    files, weight_map = [], {}
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    for i, bucket in enumerate(export_hf(gpt_model, m, bucket_bytes, dst=0, dtype=dtype)):
+        if progress is not None:
+            progress(i + 1, n_buckets)
+        if rank != 0:
+            continue
+        file = f"model-{i + 1:05d}-of-{n_buckets:05d}.safetensors"
+        save_file({name: t.contiguous() for name, t in bucket}, os.path.join(out_dir, file),
+                  metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in bucket})
+        files.append(file)
+    if rank == 0:
+        total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=1)
+    return files
