@@ -28,8 +28,18 @@ def main(argv=None) -> int:
     launcher.add_arguments(parity)
     parity.set_defaults(func=launcher.run_parity)
 
+    from megatron_vespo.convert import cli as convert_cli
+
+    convert_cli.add_commands(sub)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    return args.func(args)
+    args.argv = argv  # commands that start torchrun re-run themselves with the same arguments
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+        print(f"megatron-vespo {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""``megatron-vespo convert hf-to-mcore|mcore-to-hf`` and ``megatron-vespo score``.
+
+Each command runs on ``tp * pp * ep * etp``-compatible ranks: under torchrun it uses the ranks it
+was started with; started plainly with a layout of more than one rank, it starts torchrun on this
+machine itself (gloo without CUDA). Logs go to stderr; ``score`` writes JSON lines to stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+META = "megatron_vespo.json"
+
+
+def log(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def layout_from_args(args):
+    from megatron_vespo.mcore.parallel import Layout
+
+    return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp).validate()
+
+
+def run_distributed(args, argv: list[str], body, precheck=None) -> int:
+    """Run ``body(args, layout)`` on the layout's ranks, starting torchrun here when needed;
+    ``precheck(args, layout)`` runs first, so bad input fails before any process starts."""
+    layout = layout_from_args(args)
+    if precheck is not None:
+        precheck(args, layout)
+    if "WORLD_SIZE" not in os.environ and layout.world_size > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={layout.world_size}", "-m", "megatron_vespo", *argv]
+        env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+        if not torch.cuda.is_available():
+            env.setdefault("OMP_NUM_THREADS", "1")
+        log(f"starting {layout.world_size} processes ({layout})")
+        return subprocess.run(cmd, env=env).returncode
+    from megatron_vespo.mcore.parallel import initialize_model_parallel
+
+    initialize_model_parallel(layout)
+    try:
+        body(args, layout)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    disable = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable)
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _build(m, layout):
+    from megatron_vespo.mcore.model import build_gpt_model, transformer_config
+    from megatron_vespo.mcore.weights import ShardContext
+
+    gpt = build_gpt_model(m, transformer_config(m, layout))
+    return gpt, ShardContext.from_model(gpt, m)
+
+
+def load_from_hf(hf_dir: str, layout):
+    """(model config, Megatron model of this rank loaded from HF safetensors, bytes read)."""
+    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.mcore.weights import SafetensorsSource, local_tensor
+
+    hf_config = load_hf_config(hf_dir)
+    m = model_config_from_hf(hf_config)
+    m.check_layout(layout)
+    gpt, ctx = _build(m, layout)
+    source = SafetensorsSource(hf_dir)
+    params = list(gpt.named_parameters())
+    with torch.no_grad(), _progress(len(params), "load") as bar:
+        for name, param in params:
+            value = local_tensor(name, source, ctx)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the model expects "
+                                 f"{tuple(param.shape)}")
+            param.copy_(value)
+            bar.update()
+    return m, hf_config, gpt, source.bytes_read
+
+
+def check_hf_layout(args, layout) -> None:
+    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+
+    model_config_from_hf(load_hf_config(getattr(args, "hf", None) or args.model)).check_layout(layout)
+    out = getattr(args, "out", None)
+    if getattr(args, "hf", None) and out and os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} is not empty; choose a new directory")
+    if getattr(args, "input", None) and not os.path.exists(args.input):
+        raise FileNotFoundError(f"no input file {args.input}")
+
+
+def hf_to_mcore(args, layout) -> None:
+    from megatron.core import dist_checkpointing
+
+    m, hf_config, gpt, bytes_read = load_from_hf(args.hf, layout)
+    log(f"read {bytes_read / 2**20:.1f} MiB of safetensors on rank 0")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if os.listdir(args.out):
+            raise FileExistsError(f"{args.out} is not empty; choose a new directory")
+    torch.distributed.barrier()
+    dist_checkpointing.save(gpt.sharded_state_dict(), args.out)
+    if rank == 0:
+        with open(os.path.join(args.out, META), "w") as f:
+            json.dump({"model": dataclasses.asdict(m), "hf_config": hf_config, "layout": str(layout)}, f, indent=1)
+        extra = os.path.join(args.out, "hf_files")
+        os.makedirs(extra, exist_ok=True)
+        copied = _copy_tokenizer(args.hf, extra)
+        log(f"wrote Megatron checkpoint {args.out} ({layout}); kept {len(copied)} tokenizer/config files")
+
+
+def mcore_to_hf(args, layout) -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_vespo.convert.export import plan_buckets, save_hf_checkpoint
+    from megatron_vespo.mcore.model import MoEModelConfig
+
+    meta_file = os.path.join(args.ckpt, META)
+    if not os.path.exists(meta_file):
+        raise FileNotFoundError(f"{meta_file} missing: was {args.ckpt} written by 'convert hf-to-mcore'?")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    model = meta["model"]
+    m = MoEModelConfig(**{**model, "dense_layers": tuple(model["dense_layers"])})
+    m.check_layout(layout)
+    gpt, _ = _build(m, layout)
+    gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), args.ckpt))
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    n = len(plan_buckets(m, dtype or torch.float32, args.bucket_mib * 2**20))
+    with _progress(n, "export") as bar:
+        files = save_hf_checkpoint(gpt, m, args.out, meta["hf_config"], bucket_bytes=args.bucket_mib * 2**20,
+                                   dtype=dtype, progress=lambda i, total: bar.update())
+    if torch.distributed.get_rank() == 0:
+        copied = _copy_tokenizer(os.path.join(args.ckpt, "hf_files"), args.out)
+        log(f"wrote {len(files)} safetensors file(s), config.json and {len(copied)} tokenizer/config files to {args.out}")
+
+
+def read_score_inputs(path: str, vocab_size: int) -> list[list[int]]:
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ids = json.loads(line)["input_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: expected a JSON object with 'input_ids' ({err})") from None
+            if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"{path}:{number}: input_ids must be a list of at least 2 integers")
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"{path}:{number}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+            rows.append(ids)
+    return rows
+
+
+def score_hf(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from megatron_vespo.convert.families import load_hf_config
+
+    vocab = int(load_hf_config(args.model)["vocab_size"])
+    inputs = read_score_inputs(args.input, vocab)
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for ids in inputs:
+            tokens = torch.tensor([ids])
+            logp = torch.log_softmax(model(tokens).logits[0, :-1].float(), dim=-1)
+            print(json.dumps({"logprobs": logp.gather(1, tokens[0, 1:, None]).squeeze(1).tolist()}), flush=True)
+    return 0
+
+
+def score_mcore(args, layout) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vespo.logprobs import vocab_parallel_logprobs
+
+    m, _, gpt, _ = load_from_hf(args.model, layout)
+    inputs = read_score_inputs(args.input, m.vocab_size)
+    gpt.eval()
+    tp_group, tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+    results = []
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        out = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)
+
+        def loss_func(logits):
+            vocab_local = logits.shape[-1]
+            n = lengths[-1] - 1
+            logp, _ = vocab_parallel_logprobs(logits[0], torch.arange(n), tokens[0, 1:n + 1],
+                                              vocab_start=tp_rank * vocab_local, group=tp_group)
+            results.append(logp.tolist())
+            return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+        return out, loss_func
+
+    lengths = []
+    with torch.no_grad():
+        for ids in inputs:
+            # sequence parallelism splits the tokens over TP: pad at the end (causal: no effect)
+            padded = -(-len(ids) // layout.tp) * layout.tp
+            tokens = torch.tensor([ids + [0] * (padded - len(ids))])
+            lengths.append(len(ids))
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[gpt],
+                                        num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1,
+                                        forward_only=True)
+    # the last pipeline stage has the results; send them to global rank 0, which prints
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [results]
+        torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                                group=ps.get_pipeline_model_parallel_group())
+        results = box[0]
+    if torch.distributed.get_rank() == 0:
+        for logprobs in results:
+            print(json.dumps({"logprobs": logprobs}), flush=True)
+
+
+def add_layout_arguments(parser) -> None:
+    for key in ("tp", "pp", "ep"):
+        parser.add_argument(f"--{key}", type=int, default=1)
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: tp)")
+
+
+def add_commands(sub) -> None:
+    convert = sub.add_parser("convert", help="Hugging Face <-> Megatron-Core checkpoints")
+    kinds = convert.add_subparsers(dest="direction", required=True)
+    to_mcore = kinds.add_parser("hf-to-mcore", help="HF safetensors -> Megatron dist_checkpointing")
+    to_mcore.add_argument("--hf", required=True, help="Hugging Face model directory")
+    to_mcore.add_argument("--out", required=True, help="new checkpoint directory")
+    add_layout_arguments(to_mcore)
+    to_mcore.set_defaults(func=lambda args: run_distributed(args, args.argv, hf_to_mcore, check_hf_layout))
+    to_hf = kinds.add_parser("mcore-to-hf", help="Megatron dist_checkpointing -> HF safetensors")
+    to_hf.add_argument("--ckpt", required=True)
+    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: as trained")
+    to_hf.add_argument("--bucket-mib", type=int, default=2048, help="bytes per safetensors file (MiB)")
+    add_layout_arguments(to_hf)
+    to_hf.set_defaults(func=lambda args: run_distributed(args, args.argv, mcore_to_hf))
+
+    score = sub.add_parser("score", help="per-token log-probs of token sequences (JSON lines)")
+    score.add_argument("--model", required=True, help="Hugging Face model directory")
+    score.add_argument("--backend", choices=["mcore", "hf"], default="mcore")
+    score.add_argument("--input", required=True, help='JSONL: {"input_ids": [...]} per line')
+    add_layout_arguments(score)
+    score.set_defaults(func=lambda args: score_hf(args) if args.backend == "hf"
+                       else run_distributed(args, args.argv, score_mcore, check_hf_layout))
