@@ -88,58 +88,79 @@ def plan_buckets(m: MoEModelConfig, dtype: torch.dtype, bucket_bytes: int) -> li
     return buckets
 
 
+def _runs(coords: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Compress a parameter's flat coordinates into (hf_id, hf_offset, param_offset, length) runs."""
+    flat = coords.reshape(-1)
+    if flat.numel() == 0:
+        return []
+    breaks = (flat[1:] != flat[:-1] + 1).nonzero().squeeze(1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks])
+    lengths = torch.diff(torch.cat([starts, torch.tensor([flat.numel()])]))
+    first = flat[starts]
+    mask = (1 << ID_SHIFT) - 1
+    return list(zip((first >> ID_SHIFT).tolist(), (first & mask).tolist(), starts.tolist(), lengths.tolist()))
+
+
+def _param_runs(gpt_model, m, shapes, ids, ctx, ps):
+    """For each parameter this rank sends: its runs, computed once from probed coordinates."""
+    runs = []
+    for name, param in gpt_model.named_parameters():
+        if name == "output_layer.weight" and m.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding (PP > 1): sent from the first
+        if _owns(param, ps):
+            coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx)
+            runs.append((param, _runs(coords)))
+    return runs
+
+
 def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst: int = 0,
               dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective."""
+    """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective.
+
+    Values move as one flat tensor per rank and bucket (``comm.gather_flat``) plus a small list
+    of runs; the destination copies run by run and checks that every element arrived."""
     from megatron.core import parallel_state as ps
 
     shapes = hf_shapes(m)
     ids = {name: i for i, name in enumerate(shapes)}
-    names_by_id = list(shapes)
+    names = list(shapes)
     ctx = ShardContext.from_model(gpt_model, m)
-    params = [(name, p) for name, p in gpt_model.named_parameters() if _owns(p, ps)]
-    touched = {}  # which HF tensors each owned parameter holds (found on meta tensors: free)
-    for name, _ in params:
-        probe = _CoordinateSource(shapes, ids)
-        local_tensor(name, probe, ctx)
-        touched[name] = probe.names_read
     if dtype is None:
         dtype = next(p.dtype for _, p in gpt_model.named_parameters())
+    param_runs = _param_runs(gpt_model, m, shapes, ids, ctx, ps)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for bucket in plan_buckets(m, dtype, bucket_bytes):
-        wanted = set(bucket)
-        pieces = []
-        for name, param in params:
-            if not touched[name] & wanted:
-                continue
-            coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx).reshape(-1)
-            tensor_ids = coords >> ID_SHIFT
-            values = param.detach().reshape(-1).to("cpu", dtype)
-            for hf_id in tensor_ids.unique().tolist():
-                if names_by_id[hf_id] in wanted:
-                    keep = tensor_ids == hf_id
-                    pieces.append((hf_id, coords[keep] & ((1 << ID_SHIFT) - 1), values[keep]))
-        gathered = comm.gather_objects(pieces, dst=dst)
+        wanted = {ids[n] for n in bucket}
+        chunks, meta, offset = [], [], 0
+        for param, runs in param_runs:
+            flat = param.detach().reshape(-1)
+            for hf_id, hf_offset, start, length in runs:
+                if hf_id in wanted:
+                    chunks.append(flat[start:start + length])
+                    meta.append((hf_id, hf_offset, offset, length))
+                    offset += length
+        values = torch.cat(chunks).to("cpu", dtype) if chunks else torch.empty(0, dtype=dtype)
+        gathered = comm.gather_flat(values, meta, dst=dst)
         if rank != dst:
             yield []
             continue
-        yield _assemble(bucket, shapes, ids, [p for rank_pieces in gathered for p in rank_pieces], dtype)
+        yield _assemble(bucket, shapes, ids, gathered, dtype, names)
 
 
-def _assemble(bucket, shapes, ids, pieces, dtype):
+def _assemble(bucket, shapes, ids, gathered, dtype, names):
+    full = {ids[n]: torch.empty(math.prod(shapes[n]), dtype=dtype) for n in bucket}
+    covered = {hf_id: 0 for hf_id in full}
+    for values, meta in gathered:
+        for hf_id, hf_offset, offset, length in meta:
+            full[hf_id][hf_offset:hf_offset + length] = values[offset:offset + length]
+            covered[hf_id] += length
     out = []
-    by_id = {}
-    for hf_id, flat, values in pieces:
-        by_id.setdefault(hf_id, []).append((flat, values))
     for name in bucket:
-        full = torch.empty(math.prod(shapes[name]), dtype=dtype)
-        covered = torch.zeros(full.numel(), dtype=torch.bool)
-        for flat, values in by_id.get(ids[name], []):
-            full[flat] = values
-            covered[flat] = True
-        if not covered.all():
-            raise RuntimeError(f"export: {int((~covered).sum())} elements of {name} came from no rank")
-        out.append((name, full.view(shapes[name])))
+        expected = math.prod(shapes[name])
+        # every element is sent by exactly one rank, so counts add up exactly
+        if covered[ids[name]] != expected:
+            raise RuntimeError(f"export: {name} received {covered[ids[name]]} of {expected} elements")
+        out.append((name, full[ids[name]].view(shapes[name])))
     return out
 
 
