@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -101,8 +102,15 @@ def _runs(coords: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return list(zip((first >> ID_SHIFT).tolist(), (first & mask).tolist(), starts.tolist(), lengths.tolist()))
 
 
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _param_runs(gpt_model, m, shapes, ids, ctx, ps):
-    """For each parameter this rank sends: its runs, computed once from probed coordinates."""
+    """For each parameter this rank sends: its runs, computed once per model (weight sync exports
+    the same model again and again) from probed coordinates."""
+    cached = _PLANS.get(gpt_model)
+    if cached is not None and cached[0] == m:
+        return cached[1]
     runs = []
     for name, param in gpt_model.named_parameters():
         if name == "output_layer.weight" and m.tie_word_embeddings:
@@ -110,6 +118,7 @@ def _param_runs(gpt_model, m, shapes, ids, ctx, ps):
         if _owns(param, ps):
             coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx)
             runs.append((param, _runs(coords)))
+    _PLANS[gpt_model] = (m, runs)
     return runs
 
 
@@ -117,13 +126,13 @@ def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst
               dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective.
 
-    Values move as one flat tensor per rank and bucket (``comm.gather_flat``) plus a small list
-    of runs; the destination copies run by run and checks that every element arrived."""
+    The destination copies its own parameters' runs straight into the output tensors; other
+    ranks send one flat tensor per bucket (``comm.gather_flat``) plus their runs. The
+    destination checks that every element of every tensor arrived exactly once."""
     from megatron.core import parallel_state as ps
 
     shapes = hf_shapes(m)
     ids = {name: i for i, name in enumerate(shapes)}
-    names = list(shapes)
     ctx = ShardContext.from_model(gpt_model, m)
     if dtype is None:
         dtype = next(p.dtype for _, p in gpt_model.named_parameters())
@@ -131,25 +140,31 @@ def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for bucket in plan_buckets(m, dtype, bucket_bytes):
         wanted = {ids[n] for n in bucket}
-        chunks, meta, offset = [], [], 0
+        local = []  # (flat parameter, start, hf_id, hf_offset, length)
         for param, runs in param_runs:
             flat = param.detach().reshape(-1)
-            for hf_id, hf_offset, start, length in runs:
-                if hf_id in wanted:
-                    chunks.append(flat[start:start + length])
-                    meta.append((hf_id, hf_offset, offset, length))
-                    offset += length
-        values = torch.cat(chunks).to("cpu", dtype) if chunks else torch.empty(0, dtype=dtype)
+            local += [(flat, start, hf_id, hf_offset, length)
+                      for hf_id, hf_offset, start, length in runs if hf_id in wanted]
+        if rank == dst:
+            values, meta = torch.empty(0, dtype=dtype), []
+        else:
+            values = torch.cat([f[s:s + n] for f, s, _, _, n in local]).to("cpu", dtype) if local \
+                else torch.empty(0, dtype=dtype)
+            offsets = torch.tensor([0] + [n for *_, n in local]).cumsum(0).tolist()
+            meta = [(hf_id, hf_offset, offsets[i], n) for i, (_, _, hf_id, hf_offset, n) in enumerate(local)]
         gathered = comm.gather_flat(values, meta, dst=dst)
         if rank != dst:
             yield []
             continue
-        yield _assemble(bucket, shapes, ids, gathered, dtype, names)
+        yield _assemble(bucket, shapes, ids, local, gathered, dtype)
 
 
-def _assemble(bucket, shapes, ids, gathered, dtype, names):
+def _assemble(bucket, shapes, ids, local, gathered, dtype):
     full = {ids[n]: torch.empty(math.prod(shapes[n]), dtype=dtype) for n in bucket}
     covered = {hf_id: 0 for hf_id in full}
+    for flat, start, hf_id, hf_offset, length in local:
+        full[hf_id][hf_offset:hf_offset + length] = flat[start:start + length]
+        covered[hf_id] += length
     for values, meta in gathered:
         for hf_id, hf_offset, offset, length in meta:
             full[hf_id][hf_offset:hf_offset + length] = values[offset:offset + length]
