@@ -124,7 +124,8 @@ def _report(proc):
     return json.loads(proc.stdout.split("HF_LOGITS", 1)[1].strip().splitlines()[0])
 
 
-@pytest.mark.parametrize("layout,nproc", [("single", 1), ("tp2", 2), ("ep2", 2), ("pp2", 2), ("tp2ep2", 4)])
+@pytest.mark.parametrize("layout,nproc", [("single", 1), ("tp2", 2), ("ep2", 2), ("pp2", 2), ("pp2vpp2", 2),
+                                          ("tp2ep2", 4)])
 def test_hf_logits_match_transformers_and_export_round_trips(hf_workdir, layout, nproc):
     report = _report(torchrun("hf_logits.py", nproc, "--layout", layout, "--roundtrip",
                               "--workdir", str(hf_workdir)))

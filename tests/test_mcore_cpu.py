@@ -128,7 +128,7 @@ def test_builder_rules_and_errors():
         transformer_config(m, Layout(tp=4))
     with pytest.raises(ValueError, match="num_experts = 8 is not divisible by ep = 3"):
         transformer_config(m, Layout(ep=3, dp=3))
-    with pytest.raises(ValueError, match="num_layers = 4 is not divisible by pp = 3"):
+    with pytest.raises(ValueError, match="num_layers = 4 is not divisible by pp \\* vpp = 3"):
         transformer_config(m, Layout(pp=3))
     aux = transformer_config(MoEModelConfig(moe_aux_loss_coeff=1e-3), Layout())
     assert aux.moe_router_load_balancing_type == "aux_loss"
@@ -140,6 +140,9 @@ def test_layout_parsing():
     assert Layout.parse("tp2ep2").world_size == 4  # expert TP defaults to TP
     assert Layout.parse("tp2ep2etp1").world_size == 2
     assert Layout.parse("single").world_size == 1
+    assert Layout.parse("pp2vpp2").world_size == 2 and Layout.parse("pp2vpp2").vpp == 2
+    with pytest.raises(ValueError, match="virtual pipeline \\(vpp = 2\\) needs pp > 1"):
+        Layout.parse("vpp2").validate()
     with pytest.raises(ValueError, match="cannot parse layout"):
         Layout.parse("tp2xx3")
     with pytest.raises(ValueError, match="names tp twice"):

@@ -70,7 +70,7 @@ def test_negative_control_is_caught(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--layouts", "tp4"], "num_query_groups = 2 is not divisible by tp = 4"),
-    (["--layouts", "pp3"], "num_layers = 4 is not divisible by pp = 3"),
+    (["--layouts", "pp3"], "num_layers = 4 is not divisible by pp * vpp = 3"),
     (["--layouts", "tq2"], "cannot parse layout"),
     (["--losses", "ppo"], "unknown loss 'ppo'"),
     (["--losses", "grpo", "--correction", "fold"], "only defined for vespo"),

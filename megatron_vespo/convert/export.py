@@ -105,38 +105,41 @@ def _runs(coords: torch.Tensor) -> list[tuple[int, int, int, int]]:
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _param_runs(gpt_model, m, shapes, ids, ctx, ps):
+def _param_runs(chunks, m, shapes, ids, ps):
     """For each parameter this rank sends: its runs, computed once per model (weight sync exports
     the same model again and again) from probed coordinates."""
-    cached = _PLANS.get(gpt_model)
-    if cached is not None and cached[0] == m:
+    cached = _PLANS.get(chunks[0])
+    if cached is not None and cached[0] == (m, len(chunks)):
         return cached[1]
     runs = []
-    for name, param in gpt_model.named_parameters():
-        if name == "output_layer.weight" and m.tie_word_embeddings:
-            continue  # the last stage's copy of the tied embedding (PP > 1): sent from the first
-        if _owns(param, ps):
-            coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx)
-            runs.append((param, _runs(coords)))
-    _PLANS[gpt_model] = (m, runs)
+    for chunk in chunks:
+        ctx = ShardContext.from_model(chunk, m)
+        for name, param in chunk.named_parameters():
+            if name == "output_layer.weight" and m.tie_word_embeddings:
+                continue  # the last stage's copy of the tied embedding (PP > 1): sent from the first
+            if _owns(param, ps):
+                coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx)
+                runs.append((param, _runs(coords)))
+    _PLANS[chunks[0]] = ((m, len(chunks)), runs)
     return runs
 
 
 def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst: int = 0,
               dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective.
+    ``gpt_model`` is this rank's model chunk, or the list of its chunks (virtual pipeline).
 
     The destination copies its own parameters' runs straight into the output tensors; other
     ranks send one flat tensor per bucket (``comm.gather_flat``) plus their runs. The
     destination checks that every element of every tensor arrived exactly once."""
     from megatron.core import parallel_state as ps
 
+    chunks = list(gpt_model) if isinstance(gpt_model, (list, tuple)) else [gpt_model]
     shapes = hf_shapes(m)
     ids = {name: i for i, name in enumerate(shapes)}
-    ctx = ShardContext.from_model(gpt_model, m)
     if dtype is None:
-        dtype = next(p.dtype for _, p in gpt_model.named_parameters())
-    param_runs = _param_runs(gpt_model, m, shapes, ids, ctx, ps)
+        dtype = next(p.dtype for _, p in chunks[0].named_parameters())
+    param_runs = _param_runs(chunks, m, shapes, ids, ps)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for bucket in plan_buckets(m, dtype, bucket_bytes):
         wanted = {ids[n] for n in bucket}
@@ -187,7 +190,8 @@ def save_hf_checkpoint(gpt_model, m: MoEModelConfig, out_dir: str, hf_config: di
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if dtype is None:
-        dtype = next(p.dtype for _, p in gpt_model.named_parameters())
+        first = gpt_model[0] if isinstance(gpt_model, (list, tuple)) else gpt_model
+        dtype = next(p.dtype for _, p in first.named_parameters())
     n_buckets = len(plan_buckets(m, dtype, bucket_bytes))
     files, weight_map = [], {}
     if rank == 0:

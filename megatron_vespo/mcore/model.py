@@ -86,7 +86,7 @@ class MoEModelConfig:
             ("num_attention_heads", self.num_attention_heads, layout.tp, "tp"),
             ("num_query_groups", self.num_query_groups, layout.tp, "tp"),
             ("vocab_size", self.vocab_size, layout.tp, "tp"),
-            ("num_layers", self.num_layers, layout.pp, "pp"),
+            ("num_layers", self.num_layers, layout.pp * layout.vpp, "pp * vpp"),
             ("ffn_hidden_size", self.ffn_hidden_size, layout.tp, "tp"),
         ]
         if self.is_moe:
@@ -124,6 +124,7 @@ def transformer_config(
         ffn_hidden_size=model.ffn_hidden_size,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
@@ -176,34 +177,47 @@ def transformer_config(
     return TransformerConfig(**settings)
 
 
-def layer_spec(config):
+def layer_spec(config, vp_stage: int | None = None):
     """Decoder block spec for this pipeline stage: TE when importable on GPU, else local + CP attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_vespo.mcore.attention import ContextParallelLocalAttention
 
     use_te = transformer_engine_available()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
     if not use_te:
         for layer in spec.layer_specs:
             layer.submodules.self_attention.submodules.core_attention = ContextParallelLocalAttention
     return spec
 
 
-def build_gpt_model(model: MoEModelConfig, config):
-    """The GPTModel chunk for this pipeline stage (no VPP)."""
+def build_gpt_model(model: MoEModelConfig, config, vp_stage: int | None = None):
+    """The GPTModel chunk of this pipeline rank (``vp_stage``: which virtual chunk, with VPP)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    virtual = config.virtual_pipeline_model_parallel_size is not None
+    if virtual and vp_stage is None:
+        raise ValueError("with a virtual pipeline, build the chunks with build_gpt_chunks()")
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, vp_stage),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta),
+        vp_stage=vp_stage,
     )
+
+
+def build_gpt_chunks(model: MoEModelConfig, config) -> list:
+    """Every model chunk of this pipeline rank: one, or ``vpp`` with a virtual pipeline."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_gpt_model(model, config)]
+    return [build_gpt_model(model, config, vp_stage=i) for i in range(vpp)]

@@ -10,13 +10,14 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-_TOKEN = re.compile(r"(tp|pp|cp|ep|etp|dp)(\d+)")
+_TOKEN = re.compile(r"(tp|pp|vpp|cp|ep|etp|dp)(\d+)")
 
 
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
     pp: int = 1
+    vpp: int = 1  # virtual pipeline: model chunks per pipeline rank
     cp: int = 1
     ep: int = 1
     etp: int | None = None  # expert tensor parallel; Megatron's default is tp
@@ -42,7 +43,7 @@ class Layout:
         if pos != len(text):
             raise ValueError(
                 f"cannot parse layout {text!r} at {text[pos:]!r}; use e.g. 'tp2pp2ep2' "
-                f"(keys tp, pp, cp, ep, etp, dp)"
+                f"(keys tp, pp, vpp, cp, ep, etp, dp)"
             )
         return cls(**sizes)
 
@@ -66,6 +67,8 @@ class Layout:
             raise ValueError(
                 f"layout {self} needs world size {self.world_size}, but {world_size} processes run"
             )
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"layout {self}: virtual pipeline (vpp = {self.vpp}) needs pp > 1")
         dense_ranks = self.tp * self.cp * self.data_parallel
         if dense_ranks % (self.ep * self.expert_tp):
             raise ValueError(
@@ -112,6 +115,7 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,

@@ -41,17 +41,18 @@ def megatron_logits(m, directory, layout, tokens, negative_control):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_vespo import comm
-    from megatron_vespo.mcore.model import build_gpt_model, transformer_config
+    from megatron_vespo.mcore.model import build_gpt_chunks, transformer_config
     from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, TensorSource, load_hf_state
 
     config = transformer_config(m, layout)
-    gpt = build_gpt_model(m, config)
+    chunks = build_gpt_chunks(m, config)
     source = SafetensorsSource(directory)
     used: TensorSource = source
     if negative_control:
         used = swapped_experts(source, m, min(i for i in range(m.num_layers) if i not in m.dense_layers))
-    load_hf_state(gpt, used, ShardContext.from_model(gpt, m))
-    gpt.eval()
+    for chunk in chunks:
+        load_hf_state(chunk, used, ShardContext.from_model(chunk, m))
+        chunk.eval()
     captured = []
 
     def forward_step(data_iterator, model):
@@ -64,15 +65,18 @@ def megatron_logits(m, directory, layout, tokens, negative_control):
 
         return out, loss_func
 
+    rows = list(tokens.split(1))  # one micro-batch per row (the interleaved schedule wants >= pp)
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[gpt],
-                                    num_microbatches=1, seq_length=tokens.shape[1],
-                                    micro_batch_size=tokens.shape[0], forward_only=True)
+        get_forward_backward_func()(forward_step_func=forward_step,
+                                    data_iterator=[iter(rows) for _ in chunks] if len(chunks) > 1 else iter(rows),
+                                    model=chunks, num_microbatches=len(rows), seq_length=tokens.shape[1],
+                                    micro_batch_size=1, forward_only=True)
     logits = None
     if ps.is_pipeline_last_stage():
-        shards = comm.all_gather_stack(captured[0].contiguous(), ps.get_tensor_model_parallel_group())
+        full = torch.cat(captured, dim=0).contiguous()
+        shards = comm.all_gather_stack(full, ps.get_tensor_model_parallel_group())
         logits = torch.cat(list(shards.unbind(0)), dim=-1)
-    return logits, source.bytes_read, gpt
+    return logits, source.bytes_read, chunks
 
 
 def roundtrip_exact(gpt, m, directory, out_dir) -> dict | None:
@@ -120,10 +124,10 @@ def main():
         m = model_config_from_hf(load_hf_config(directory))
         if not m.is_moe and layout.ep > 1:
             continue
-        logits, bytes_read, gpt = megatron_logits(m, directory, layout, tokens, args.negative_control)
+        logits, bytes_read, chunks = megatron_logits(m, directory, layout, tokens, args.negative_control)
         roundtrip = None
         if args.roundtrip:
-            roundtrip = roundtrip_exact(gpt, m, directory, os.path.join(args.workdir, f"export-{layout}-{family}"))
+            roundtrip = roundtrip_exact(chunks, m, directory, os.path.join(args.workdir, f"export-{layout}-{family}"))
         result = None
         if logits is not None:
             from transformers import AutoModelForCausalLM
