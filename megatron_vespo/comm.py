@@ -107,7 +107,7 @@ def gather_flat(values: torch.Tensor, meta, dst: int = 0) -> list | None:
     of the world on ``dst``: [(values, meta) per rank] there, None elsewhere."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [(values, meta)]
-    metas = gather_objects((values.numel(), meta), dst=dst)
+    metas = gather_objects(meta, dst=dst)
     lengths = torch.tensor([values.numel()], dtype=torch.int64)
     sizes = all_gather_stack(lengths, dist.group.WORLD, tag="export_sizes").reshape(-1).tolist()
     longest = max(sizes)
@@ -117,6 +117,6 @@ def gather_flat(values: torch.Tensor, meta, dst: int = 0) -> list | None:
     if dist.get_rank() == dst:
         out = [padded.new_empty(longest) for _ in sizes]
         dist.gather(padded, out, dst=dst)
-        return [(t[:n], m) for t, n, (_, m) in zip(out, sizes, metas)]
+        return [(t[:n], m) for t, n, m in zip(out, sizes, metas)]
     dist.gather(padded, None, dst=dst)
     return None

@@ -85,22 +85,15 @@ def _build(m, layout):
 def load_from_hf(hf_dir: str, layout):
     """(model config, Megatron model of this rank loaded from HF safetensors, bytes read)."""
     from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
-    from megatron_vespo.mcore.weights import SafetensorsSource, local_tensor
+    from megatron_vespo.mcore.weights import SafetensorsSource, load_hf_state
 
     hf_config = load_hf_config(hf_dir)
     m = model_config_from_hf(hf_config)
     m.check_layout(layout)
     gpt, ctx = _build(m, layout)
     source = SafetensorsSource(hf_dir)
-    params = list(gpt.named_parameters())
-    with torch.no_grad(), _progress(len(params), "load") as bar:
-        for name, param in params:
-            value = local_tensor(name, source, ctx)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the model expects "
-                                 f"{tuple(param.shape)}")
-            param.copy_(value)
-            bar.update()
+    with _progress(len(list(gpt.parameters())), "load") as bar:
+        load_hf_state(gpt, source, ctx, progress=bar.update)
     return m, hf_config, gpt, source.bytes_read
 
 

@@ -306,9 +306,9 @@ def local_tensor(name: str, tensors, ctx: ShardContext) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_hf_state(gpt_model, tensors, ctx: ShardContext) -> int:
+def load_hf_state(gpt_model, tensors, ctx: ShardContext, progress=None) -> int:
     """Copy HF tensors (a dict or a :class:`TensorSource`) into this rank's parameters; returns
-    how many parameters were set. Shapes are checked and named."""
+    how many parameters were set. Shapes are checked and named; ``progress()`` runs per parameter."""
     src = as_source(tensors)
     count = 0
     for name, param in gpt_model.named_parameters():
@@ -320,4 +320,6 @@ def load_hf_state(gpt_model, tensors, ctx: ShardContext) -> int:
             )
         param.copy_(value)
         count += 1
+        if progress is not None:
+            progress()
     return count
