@@ -102,21 +102,43 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def gather_flat(values: torch.Tensor, meta, dst: int = 0) -> list | None:
-    """Gather one flat tensor (lengths may differ) and a small picklable ``meta`` from every rank
-    of the world on ``dst``: [(values, meta) per rank] there, None elsewhere."""
+class FlatTransfer:
+    """An in-flight transfer of one flat tensor from every rank to ``dst`` (see :func:`send_flat_to`)."""
+
+    def __init__(self, works, received, keep_alive):
+        self._works, self._received, self._keep_alive = works, received, keep_alive
+
+    def wait(self) -> list[torch.Tensor] | None:
+        """Per-rank tensors on the destination (its own entry empty), None elsewhere."""
+        for work in self._works:
+            work.wait()
+        self._keep_alive = None
+        return self._received
+
+
+def send_flat_to(values: torch.Tensor | None, sizes: list[int], dst: int = 0, tag: int = 0) -> FlatTransfer:
+    """Start sending this rank's flat ``values`` to ``dst``, point to point and asynchronously.
+
+    ``sizes[r]`` is the length rank r sends; every rank knows all of them beforehand (export plans
+    are exchanged once), so no size or padding travels and nothing is copied. Several transfers can
+    be in flight at once (distinct ``tag``), which lets the exporter overlap communication with the
+    assembly of the previous bucket."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [(values, meta)]
-    metas = gather_objects(meta, dst=dst)
-    lengths = torch.tensor([values.numel()], dtype=torch.int64)
-    sizes = all_gather_stack(lengths, dist.group.WORLD, tag="export_sizes").reshape(-1).tolist()
-    longest = max(sizes)
-    padded = values.new_zeros(longest)
-    padded[: values.numel()] = values
-    COUNTER["export_gather"] += 1
-    if dist.get_rank() == dst:
-        out = [padded.new_empty(longest) for _ in sizes]
-        dist.gather(padded, out, dst=dst)
-        return [(t[:n], m) for t, n, m in zip(out, sizes, metas)]
-    dist.gather(padded, None, dst=dst)
-    return None
+        return FlatTransfer([], [values if values is not None else torch.empty(0)], None)
+    rank = dist.get_rank()
+    works = []
+    if rank == dst:
+        received = []
+        for src, size in enumerate(sizes):
+            buffer = torch.empty(size if src != dst else 0, dtype=values.dtype)
+            if src != dst and size:
+                COUNTER["export_recv"] += 1
+                works.append(dist.irecv(buffer, src=src, tag=tag))
+            received.append(buffer)
+        return FlatTransfer(works, received, None)
+    if values.numel() != sizes[rank]:
+        raise RuntimeError(f"send_flat_to: rank {rank} has {values.numel()} values, planned {sizes[rank]}")
+    if values.numel():
+        COUNTER["export_send"] += 1
+        works.append(dist.isend(values, dst=dst, tag=tag))
+    return FlatTransfer(works, None, values)

@@ -159,3 +159,29 @@ def test_buckets_are_bounded_and_ordered():
         assert nbytes <= 20_000 or len(b) == 1
     with pytest.raises(ValueError, match="bucket_bytes must be > 0"):
         plan_buckets(m, torch.float32, 0)
+
+
+def test_runs_merge_into_strided_blocks_that_copy_back_exactly():
+    from megatron_vespo.convert.export import _assemble, _blocks
+
+    # a [6, 8] HF tensor (id 0) split by columns over two ranks, plus a whole [4] tensor (id 1)
+    full = torch.arange(48.0).view(6, 8)
+    left, right = full[:, :4].reshape(-1), full[:, 4:].reshape(-1)
+    runs_left = [(0, 4 * r, 0, 8 * r, 4) for r in range(6)]
+    runs_right = [(0, 4 * r, 0, 8 * r + 4, 4) for r in range(3)] + [(0, 12, 0, 30, 2), (0, 14, 0, 32, 2)]
+    assert _blocks(runs_left) == [(0, 0, 0, 0, 8, 4, 6)]
+    # a change of length or stride starts a new block instead of copying to the wrong place
+    assert len(_blocks(runs_right)) == 2
+    shapes = {"a": (6, 8), "b": (4,)}
+    ids = {"a": 0, "b": 1}
+    partial = torch.cat([right[:12], full[3, 6:8], full[4, 0:2]])
+    sources = [([left], _blocks(runs_left)), ([partial], _blocks(runs_right)),
+               ([torch.arange(4.0)], _blocks([(0, 0, 1, 0, 4)]))]
+    with pytest.raises(RuntimeError, match="a received 40 of 48"):
+        _assemble(["a", "b"], shapes, ids, sources, torch.float32)
+    right_rest = full[3:, 4:].reshape(-1)
+    runs_rest = [(0, 4 * r, 0, 8 * (r + 3) + 4, 4) for r in range(3)]
+    out = dict(_assemble(["a", "b"], shapes, ids, sources[::2] + [([right[:12]], _blocks(runs_right[:3])),
+                                                                   ([right_rest], _blocks(runs_rest))],
+                         torch.float32))
+    assert torch.equal(out["a"], full) and torch.equal(out["b"], torch.arange(4.0))

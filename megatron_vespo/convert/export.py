@@ -108,9 +108,9 @@ _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _param_runs(chunks, m, shapes, ids, ps):
     """For each parameter this rank sends: its runs, computed once per model (weight sync exports
     the same model again and again) from probed coordinates."""
-    cached = _PLANS.get(chunks[0])
-    if cached is not None and cached[0] == (m, len(chunks)):
-        return cached[1]
+    plans = _PLANS.get(chunks[0])
+    if plans is not None and plans["model"] == (m, len(chunks)):
+        return plans["runs"]
     runs = []
     for chunk in chunks:
         ctx = ShardContext.from_model(chunk, m)
@@ -120,8 +120,49 @@ def _param_runs(chunks, m, shapes, ids, ps):
             if _owns(param, ps):
                 coords = local_tensor(name, _CoordinateSource(shapes, ids, device="cpu"), ctx)
                 runs.append((param, _runs(coords)))
-    _PLANS[chunks[0]] = ((m, len(chunks)), runs)
+    _PLANS[chunks[0]] = {"model": (m, len(chunks)), "runs": runs}  # bucket plans join it later
     return runs
+
+
+def _blocks(pieces):
+    """Merge runs [(source, source offset, hf_id, hf_offset, length)] into strided blocks
+    (source, source offset, hf_id, hf_offset, hf_stride, length, count): ``count`` runs of equal
+    ``length``, consecutive in the source and ``hf_stride`` apart in the HF tensor. A tensor-parallel
+    slice of a [rows, cols] weight is one block instead of ``rows`` runs, so moving a bucket costs a
+    few copies, not one per row."""
+    blocks = []
+    for source, offset, hf_id, hf_offset, length in pieces:
+        if blocks:
+            b_source, b_offset, b_id, b_hf, b_stride, b_length, b_count = blocks[-1]
+            if (b_source == source and b_id == hf_id and b_length == length
+                    and offset == b_offset + length * b_count):
+                stride = hf_offset - b_hf if b_count == 1 else b_stride
+                if stride >= length and hf_offset == b_hf + stride * b_count:
+                    blocks[-1] = (b_source, b_offset, b_id, b_hf, stride, length, b_count + 1)
+                    continue
+        blocks.append((source, offset, hf_id, hf_offset, length, length, 1))
+    return blocks
+
+
+def _bucket_plan(param_runs, buckets, ids, dst):
+    """Per bucket, this rank's blocks (see :func:`_blocks`, source = parameter index). The
+    destination also gets every other rank's blocks, with offsets into the flat tensor that rank
+    sends; exchanged once per model, so buckets then carry only tensor bytes."""
+    bucket_of = {ids[name]: b for b, bucket in enumerate(buckets) for name in bucket}
+    pieces = [[] for _ in buckets]
+    for index, (_, runs) in enumerate(param_runs):
+        for hf_id, hf_offset, start, length in runs:
+            pieces[bucket_of[hf_id]].append((index, start, hf_id, hf_offset, length))
+    mine = [_blocks(bucket_pieces) for bucket_pieces in pieces]
+    layouts = []
+    for blocks in mine:
+        offset, layout = 0, []
+        for _, _, hf_id, hf_offset, stride, length, count in blocks:
+            layout.append((0, offset, hf_id, hf_offset, stride, length, count))
+            offset += length * count
+        layouts.append(layout)
+    everyone = comm.gather_objects(layouts, dst=dst)
+    return mine, everyone
 
 
 def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst: int = 0,
@@ -129,9 +170,11 @@ def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst
     """Yield buckets of (hf_name, full tensor) on global rank ``dst``; [] elsewhere. Collective.
     ``gpt_model`` is this rank's model chunk, or the list of its chunks (virtual pipeline).
 
-    The destination copies its own parameters' runs straight into the output tensors; other
-    ranks send one flat tensor per bucket (``comm.gather_flat``) plus their runs. The
-    destination checks that every element of every tensor arrived exactly once."""
+    The destination copies its own parameters' blocks straight into the output tensors; every other
+    rank sends one flat tensor per bucket, point to point (``comm.send_flat_to``), and the next
+    bucket is already in flight while the destination assembles the current one. Who sends which
+    blocks is exchanged once per model. The destination checks that every element of every tensor
+    arrived exactly once."""
     from megatron.core import parallel_state as ps
 
     chunks = list(gpt_model) if isinstance(gpt_model, (list, tuple)) else [gpt_model]
@@ -139,39 +182,51 @@ def export_hf(gpt_model, m: MoEModelConfig, bucket_bytes: int = 512 * 2**20, dst
     ids = {name: i for i, name in enumerate(shapes)}
     if dtype is None:
         dtype = next(p.dtype for _, p in chunks[0].named_parameters())
-    param_runs = _param_runs(chunks, m, shapes, ids, ps)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for bucket in plan_buckets(m, dtype, bucket_bytes):
-        wanted = {ids[n] for n in bucket}
-        local = []  # (flat parameter, start, hf_id, hf_offset, length)
-        for param, runs in param_runs:
-            flat = param.detach().reshape(-1)
-            local += [(flat, start, hf_id, hf_offset, length)
-                      for hf_id, hf_offset, start, length in runs if hf_id in wanted]
+    param_runs = _param_runs(chunks, m, shapes, ids, ps)
+    buckets = plan_buckets(m, dtype, bucket_bytes)
+    key = ("buckets", bucket_bytes, dtype, dst)
+    plans = _PLANS[chunks[0]]
+    if key not in plans:
+        plans[key] = _bucket_plan(param_runs, buckets, ids, dst)
+    mine, everyone = plans[key]
+    flats = [param.detach().reshape(-1) for param, _ in param_runs]
+
+    def start(b):
+        if b >= len(buckets):
+            return None
         if rank == dst:
-            values, meta = torch.empty(0, dtype=dtype), []
-        else:
-            values = torch.cat([f[s:s + n] for f, s, _, _, n in local]).to("cpu", dtype) if local \
-                else torch.empty(0, dtype=dtype)
-            offsets = torch.tensor([0] + [n for *_, n in local]).cumsum(0).tolist()
-            meta = [(hf_id, hf_offset, offsets[i], n) for i, (_, _, hf_id, hf_offset, n) in enumerate(local)]
-        gathered = comm.gather_flat(values, meta, dst=dst)
+            sizes = [sum(length * count for *_, length, count in layout[b]) for layout in everyone]
+            return comm.send_flat_to(torch.empty(0, dtype=dtype), sizes, dst=dst, tag=b)
+        blocks = mine[b]
+        # blocks are consecutive in their parameter: one slice each
+        values = torch.cat([flats[i][s:s + n * c] for i, s, *_, n, c in blocks]).to("cpu", dtype) \
+            if blocks else torch.empty(0, dtype=dtype)
+        sizes = [0] * (rank + 1)
+        sizes[rank] = values.numel()
+        return comm.send_flat_to(values, sizes, dst=dst, tag=b)
+
+    in_flight = start(0)
+    for b, bucket in enumerate(buckets):
+        current, in_flight = in_flight, start(b + 1)
+        received = current.wait()
         if rank != dst:
             yield []
             continue
-        yield _assemble(bucket, shapes, ids, local, gathered, dtype)
+        sources = [(flats, mine[b])] + [([values], layout[b]) for values, layout in zip(received, everyone)
+                                        if values.numel()]
+        yield _assemble(bucket, shapes, ids, sources, dtype)
 
 
-def _assemble(bucket, shapes, ids, local, gathered, dtype):
+def _assemble(bucket, shapes, ids, sources, dtype):
+    """``sources``: [(flat tensors, blocks indexing them)]; one strided copy per block."""
     full = {ids[n]: torch.empty(math.prod(shapes[n]), dtype=dtype) for n in bucket}
     covered = {hf_id: 0 for hf_id in full}
-    for flat, start, hf_id, hf_offset, length in local:
-        full[hf_id][hf_offset:hf_offset + length] = flat[start:start + length]
-        covered[hf_id] += length
-    for values, meta in gathered:
-        for hf_id, hf_offset, offset, length in meta:
-            full[hf_id][hf_offset:hf_offset + length] = values[offset:offset + length]
-            covered[hf_id] += length
+    for tensors, blocks in sources:
+        for source, offset, hf_id, hf_offset, stride, length, count in blocks:
+            target = full[hf_id].as_strided((count, length), (stride, 1), hf_offset)
+            target.copy_(tensors[source][offset:offset + length * count].view(count, length))
+            covered[hf_id] += length * count
     out = []
     for name in bucket:
         expected = math.prod(shapes[name])
