@@ -21,13 +21,16 @@ setup(
         # One transformers major: config layouts differ between 4 and 5 (rope, expert counts).
         "transformers>=5.20,<6",
         "safetensors",
+        # the rollout client and the local engine's HTTP server
+        "aiohttp>=3.9,<4",
     ],
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): build it from
         # source on the cluster or use the Docker image.
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
         "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],
-        "test": ["pytest>=8", "scipy"],
+        # msgspec loads SGLang's own request/response schema; the router routes the test servers.
+        "test": ["pytest>=8", "scipy", "msgspec", "sglang-router==0.3.2"],
     },
     entry_points={"console_scripts": ["megatron-vespo=megatron_vespo.cli:main"]},
 )

@@ -142,3 +142,36 @@ def send_flat_to(values: torch.Tensor | None, sizes: list[int], dst: int = 0, ta
         COUNTER["export_send"] += 1
         works.append(dist.isend(values, dst=dst, tag=tag))
     return FlatTransfer(works, None, values)
+
+
+class StandaloneGroup:
+    """A process group of its own between processes that do not share a default group: the
+    trainer (rank 0) and inference-engine ranks, for weight broadcasts. It never touches
+    ``torch.distributed``'s default group, so Megatron's groups on the trainer are unaffected.
+
+    ``backend`` "nccl" (GPU clusters; SGLang's ``/init_weights_update_group``) or "gloo" (CPU and
+    the local engine). NCCL cannot be exercised on the CPU test machines; it is the same calls."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
+                 group_name: str = "weight_sync", timeout_s: float = 600.0):
+        import datetime
+
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"weight-sync backend must be 'nccl' or 'gloo', got {backend!r}")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+        store = dist.PrefixStore(group_name, store)
+        if backend == "gloo":
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        else:
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        self.rank, self.world_size, self.backend, self.name = rank, world_size, backend, group_name
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        COUNTER["weight_sync_broadcast"] += 1
+        self.group.broadcast([tensor], options).wait()
+        return tensor
