@@ -32,6 +32,27 @@ def main(argv=None) -> int:
 
     convert_cli.add_commands(sub)
 
+    from megatron_vespo.rollout import launch, serve_local
+
+    serve = sub.add_parser(
+        "serve-local",
+        help="serve a Hugging Face model over SGLang's HTTP protocol on CPU (tests, demo)",
+        description="A local engine that speaks the SGLang 0.5.23 protocol subset rollouts use "
+        "(/generate with log-probs and routed experts, health, model/server info, pause/continue, "
+        "abort, flush, weight updates), backed by a transformers model with a KV cache.",
+    )
+    serve_local.add_arguments(serve)
+    serve.set_defaults(func=serve_local.main)
+
+    sglang = sub.add_parser("sglang", help="manage SGLang servers and the sglang-router")
+    sglang_sub = sglang.add_subparsers(dest="sglang_command", required=True)
+    launch_parser = sglang_sub.add_parser(
+        "launch",
+        help="start SGLang servers (SLURM-aware) and a router in front; stop them cleanly on exit",
+    )
+    launch.add_arguments(launch_parser)
+    launch_parser.set_defaults(func=launch.main)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # commands that start torchrun re-run themselves with the same arguments

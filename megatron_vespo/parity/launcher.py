@@ -11,7 +11,6 @@ import time
 
 from megatron_vespo.losses import LossConfig
 from megatron_vespo.mcore.parallel import Layout
-from megatron_vespo.parity.worker import tiny_model_config
 
 
 def _worker_command(layout: Layout, args, json_out: str) -> list[str]:
@@ -44,6 +43,8 @@ def validate_request(args) -> list[Layout]:
     layouts = [Layout.parse(text) for text in args.layouts.split(",") if text.strip()]
     if not layouts:
         raise ValueError("no layouts given")
+    from megatron_vespo.parity.worker import tiny_model_config  # heavy: only when the command runs
+
     model = tiny_model_config()
     for layout in layouts:
         layout.validate()

@@ -110,10 +110,21 @@ class _Fatal(Exception):
     pass
 
 
+def _nth_sample_params(params: dict, k: int) -> dict:
+    """Sample k of a group: with a sampling_seed, seed + k, so a group is reproducible and its
+    samples differ (one seed for all n requests would make them identical)."""
+    if k == 0 or params.get("sampling_seed") is None:
+        return params
+    return {**params, "sampling_seed": params["sampling_seed"] + k}
+
+
 class RolloutClient:
     """Async client for ``POST /generate`` with token-id input.
 
     ``urls``: the sglang-router, or the servers themselves (then requests are spread round-robin).
+    ``server_urls``: the servers behind the router. Requests that ask for routed experts (R3) go
+    to them directly, spread round-robin: sglang-router 0.3.2 re-encodes /generate bodies without
+    ``return_routed_experts`` (sglang issue #20696), so the servers would never return routes.
     A request that fails (connection error, timeout, HTTP 5xx, an aborted generation, or an answer
     that breaks the protocol: NaN log-probs, wrong routed-experts size, out-of-vocabulary token) is
     retried on the next URL, up to ``max_attempts``; a 4xx answer is the request's own fault and is
@@ -123,13 +134,15 @@ class RolloutClient:
 
     def __init__(self, urls: list[str] | str, api_key: str | None = None, max_concurrency: int = 64,
                  timeout_s: float = 600.0, max_attempts: int = 3, retry_backoff_s: float = 0.2,
-                 vocab_size: int | None = None, routing: tuple[int, int, int] | None = None):
+                 vocab_size: int | None = None, routing: tuple[int, int, int] | None = None,
+                 server_urls: list[str] | None = None):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("RolloutClient needs at least one server or router URL")
         if max_concurrency < 1 or max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be >= 1")
         self.urls = [u.rstrip("/") for u in self.urls]
+        self.server_urls = [u.rstrip("/") for u in server_urls] if server_urls else self.urls
         self.api_key, self.max_concurrency, self.timeout_s = api_key, max_concurrency, timeout_s
         self.max_attempts, self.retry_backoff_s = max_attempts, retry_backoff_s
         self.vocab_size, self.routing = vocab_size, routing
@@ -152,7 +165,7 @@ class RolloutClient:
             if p.get("n", 1) != 1:
                 raise ValueError("sampling_params.n must be 1; ask for n samples with generate(..., n=N)")
         batch = uuid.uuid4().hex[:8]
-        jobs = [(i, k, prompts[i], params[i]) for i in range(len(prompts)) for k in range(n)]
+        jobs = [(i, k, prompts[i], _nth_sample_params(params[i], k)) for i in range(len(prompts)) for k in range(n)]
         limit = asyncio.Semaphore(self.max_concurrency)
         own_session = session is None
         if own_session:
@@ -177,9 +190,10 @@ class RolloutClient:
 
     async def _one(self, session, limit, rid_base, index, prompt, params, routed) -> RolloutSample | RequestFailure:
         start = next(self._next_url)
+        targets = self.server_urls if routed else self.urls
         error = ""
         for attempt in range(self.max_attempts):
-            url = self.urls[(start + attempt) % len(self.urls)]
+            url = targets[(start + attempt) % len(targets)]
             rid = f"{rid_base}-a{attempt}"  # a retry is a new request: an abort of the old rid cannot hit it
             try:
                 body = protocol.generate_request(prompt, params, rid=rid, return_routed_experts=routed)
@@ -222,6 +236,8 @@ class RolloutClient:
         try:
             result = protocol.parse_generate_response(
                 answer_json, prompt_len, self.vocab_size, self.routing if routed else None)
+        except protocol.MissingRoutesError as err:  # a setup problem: every retry would fail alike
+            raise _Fatal(f"{url}: {err}") from None
         except protocol.ProtocolError as err:
             raise _Retryable(f"bad engine answer from {url}: {err}") from None
         if result.finish.type == "abort":

@@ -41,6 +41,10 @@ class ProtocolError(ValueError):
     """An engine answer (or a request) that breaks the protocol; the message names what is wrong."""
 
 
+class MissingRoutesError(ProtocolError):
+    """Routed experts were asked for and not returned."""
+
+
 def validate_sampling_params(params: dict, vocab_size: int | None = None) -> dict:
     """Return ``params`` unchanged if SGLang 0.5.23 accepts them, else raise ValueError naming the key.
     Mirrors the schema's key/type checks and ``SamplingParams.verify``'s ranges."""
@@ -213,7 +217,9 @@ def parse_generate_response(answer: dict, prompt_len: int, vocab_size: int | Non
     if routing is not None and output_ids:
         text = meta.get("routed_experts")
         if text is None:
-            raise ProtocolError("routed_experts missing: start the server with --enable-return-routed-experts")
+            raise MissingRoutesError(
+                "routed_experts missing: start the server with --enable-return-routed-experts, and send "
+                "such requests to the servers, not through sglang-router (0.3.2 drops return_routed_experts)")
         layers, top_k, num_experts = routing
         routes = decode_routed_experts(text, prompt_len + len(output_ids) - 1, layers, top_k, num_experts)
     return GenerateResult(rid=str(meta.get("id", "")), output_ids=list(output_ids), logprobs=logprobs,

@@ -1,0 +1,250 @@
+"""Weight sync Megatron -> inference engines, from the converter's streamed Hugging Face buckets.
+
+``WeightSync.sync(model, version)`` is collective over the trainer's ranks (``export_hf`` is);
+global rank 0 talks to the engines. Every route runs the same sequence on every server:
+pause -> flush_cache -> [begin_weight_update] -> send -> [end_weight_update] -> continue, and sets
+the weight version that every later sample carries.
+
+Routes:
+- ``distributed``: a fresh process group of 1 + (GPUs of all servers) (``/init_weights_update_group``,
+  once), then per bucket ``/update_weights_from_distributed`` with names/dtypes/shapes while rank 0
+  broadcasts each tensor. NCCL on clusters; gloo against the local engine (tested here).
+- ``disk``: an HF checkpoint written by ``save_hf_checkpoint`` and ``/update_weights_from_disk``.
+- ``tensor``: colocated servers, ``/update_weights_from_tensor`` with one ForkingPickler payload per
+  server TP rank (CUDA IPC handles: same node and GPU only; cannot run on CPU machines, so only the
+  payload format is tested here).
+- ``inprocess``: a ``LocalEngine`` object living in the trainer process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_vespo.rollout.client import ControlError, EngineControl
+
+ROUTES = ("distributed", "disk", "tensor", "inprocess")
+# files an engine needs besides the weights to load an HF directory
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+               "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)``: ForkingPickler, base64."""
+    from multiprocessing.reduction import ForkingPickler
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(named_tensors)
+    return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+@dataclass
+class SyncReport:
+    version: str
+    route: str
+    buckets: int
+    bytes: int
+    seconds: float
+
+
+class WeightSync:
+    def __init__(self, route: str, m, *, control: EngineControl | None = None, engine=None,
+                 bucket_bytes: int = 512 * 2**20, dtype: torch.dtype = torch.bfloat16, hf_config: dict | None = None,
+                 disk_dir: str | None = None, side_files_from: str | None = None,
+                 master_address: str = "127.0.0.1", master_port: int = 0, backend: str = "nccl",
+                 group_name: str = "megatron_vespo_weights", pause_mode: str = "abort", tensor_tp_size: int = 1):
+        if route not in ROUTES:
+            raise ValueError(f"weight sync route must be one of {ROUTES}, got {route!r}")
+        # only global rank 0 talks to the engines; the other ranks just take part in the export
+        if route == "inprocess" and engine is None and self._rank() == 0:
+            raise ValueError("the inprocess route needs the LocalEngine object (engine=...)")
+        if route != "inprocess" and control is None and self._rank() == 0:
+            raise ValueError(f"the {route} route needs EngineControl over the server URLs (control=...)")
+        if route == "disk" and (disk_dir is None or hf_config is None):
+            raise ValueError("the disk route needs disk_dir and hf_config (the model's config.json)")
+        self.route, self.m, self.control, self.engine = route, m, control, engine
+        self.bucket_bytes, self.dtype, self.hf_config = bucket_bytes, dtype, hf_config
+        self.disk_dir, self.side_files_from = disk_dir, side_files_from
+        self.master_address, self.master_port, self.backend = master_address, master_port, backend
+        self.group_name, self.pause_mode, self.tensor_tp_size = group_name, pause_mode, tensor_tp_size
+        self._group = None
+        self._previous_dir = None
+
+    @staticmethod
+    def _rank() -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def sync(self, model, version: str) -> SyncReport | None:
+        """Send ``model`` (this rank's chunk or chunk list) to the engines as ``version``.
+        Collective over trainer ranks; returns the report on rank 0, None elsewhere."""
+        from megatron_vespo.convert.export import export_hf, save_hf_checkpoint
+
+        rank = self._rank()
+        start = time.perf_counter()
+        sent = {"buckets": 0, "bytes": 0}
+
+        def buckets():
+            for bucket in export_hf(model, self.m, bucket_bytes=self.bucket_bytes, dst=0, dtype=self.dtype):
+                if rank == 0:
+                    sent["buckets"] += 1
+                    sent["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield bucket
+
+        if self.route == "inprocess":
+            if rank == 0:  # the same sequence as over HTTP: the engine holds no batch while updating
+                self.engine.pause(self.pause_mode)
+                self.engine.flush_cache()
+            try:
+                for bucket in buckets():
+                    if rank == 0 and bucket:
+                        self.engine.update_from_named_tensors(bucket)
+                if rank == 0:
+                    self.engine.set_weight_version(version)
+            finally:
+                if rank == 0:
+                    self.engine.resume()
+        elif self.route == "disk":
+            target = os.path.join(self.disk_dir, f"weights-{version}")
+            if rank == 0:
+                self._prepare_servers()
+            save_hf_checkpoint(model, self.m, target, self.hf_config, bucket_bytes=self.bucket_bytes, dtype=self.dtype)
+            if rank == 0:
+                self._copy_side_files(target)
+                try:
+                    self.control.update_weights_from_disk(os.path.abspath(target), version)
+                finally:
+                    self.control.resume()
+                sent["bytes"] = sum(os.path.getsize(os.path.join(target, f)) for f in os.listdir(target)
+                                    if f.endswith(".safetensors"))
+                if self._previous_dir and self._previous_dir != target:
+                    shutil.rmtree(self._previous_dir, ignore_errors=True)  # keep one copy on disk
+                self._previous_dir = target
+        else:
+            if rank == 0:
+                self._prepare_servers()
+                self.control.begin_weight_update()
+                if self.route == "distributed" and self._group is None:
+                    self._init_group()
+            try:
+                previous = None
+                for bucket in buckets():
+                    if rank != 0:
+                        continue
+                    # the version goes with the last bucket: tag it once the generator is exhausted
+                    if previous is not None:
+                        self._send(previous, None)
+                    previous = bucket
+                if rank == 0 and previous is not None:
+                    self._send(previous, version)
+            finally:
+                if rank == 0:
+                    self.control.end_weight_update()
+                    self.control.resume()
+        if rank != 0:
+            return None
+        return SyncReport(version, self.route, sent["buckets"], sent["bytes"], time.perf_counter() - start)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _prepare_servers(self):
+        self.control.pause(self.pause_mode)
+        self.control.flush_cache()
+
+    def _copy_side_files(self, target):
+        if not self.side_files_from:
+            return
+        for name in _SIDE_FILES:
+            source = os.path.join(self.side_files_from, name)
+            if os.path.exists(source):
+                shutil.copy2(source, os.path.join(target, name))
+
+    def _server_world_sizes(self) -> list[int]:
+        sizes = []
+        for info in self.control.call("/server_info", method="GET", check_success=False):
+            sizes.append(int(info.get("tp_size", 1) or 1) * int(info.get("pp_size", 1) or 1))
+        return sizes
+
+    def _init_group(self):
+        from megatron_vespo.comm import StandaloneGroup
+
+        sizes = self._server_world_sizes()
+        world = 1 + sum(sizes)
+        port = self.master_port or _free_port()
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        bodies = [{"master_address": self.master_address, "master_port": port, "rank_offset": off,
+                   "world_size": world, "group_name": self.group_name, "backend": self.backend}
+                  for off in offsets]
+        errors = []
+
+        def ask_servers():  # they block in the rendezvous until this process joins it
+            try:
+                self.control.call("/init_weights_update_group", bodies=bodies)
+            except ControlError as err:
+                errors.append(err)
+
+        thread = threading.Thread(target=ask_servers, daemon=True)
+        thread.start()
+        group = StandaloneGroup(self.master_address, port, 0, world, backend=self.backend, group_name=self.group_name)
+        thread.join()
+        if errors:
+            raise errors[0]
+        self._group = group
+
+    def _send(self, bucket, version):
+        if self.route == "distributed":
+            body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                    "flush_cache": version is not None}
+            if version is not None:
+                body["weight_version"] = version
+            errors = []
+
+            def post():  # the servers answer only after receiving every tensor of the bucket
+                try:
+                    self.control.call("/update_weights_from_distributed", body)
+                except ControlError as err:
+                    errors.append(err)
+
+            thread = threading.Thread(target=post, daemon=True)
+            thread.start()
+            device = "cuda" if self.backend == "nccl" else "cpu"
+            for _, tensor in bucket:
+                self._group.broadcast_(tensor.to(device).contiguous(), src=0)
+            thread.join()
+            if errors:
+                raise errors[0]
+        else:  # tensor: one payload per server TP rank, each rank loads its own entry
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            payload = serialize_named_tensors([(n, t.to(device)) for n, t in bucket])
+            body = {"serialized_named_tensors": [payload] * self.tensor_tp_size, "flush_cache": version is not None}
+            if version is not None:
+                body["weight_version"] = version
+            self.control.call("/update_weights_from_tensor", body)
+
+    def close(self):
+        """Tell the servers to drop the weight-update group (distributed route)."""
+        if self._group is not None and self._rank() == 0:
+            try:
+                self.control.call("/destroy_weights_update_group", {"group_name": self.group_name})
+            except ControlError:
+                pass
+            self._group = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,114 @@
+"""Weight sync Megatron-Core -> engine by every route that runs on CPU, from sharded trainers.
+
+An engine process serves model A; trainers load model B (another random init) under tp2/ep2 and
+send it. Afterwards the engine's log-probs must equal transformers' forward of B (and differ from
+A's: the negative control) and every sample must carry the new weight version. NCCL (the cluster
+backend of the distributed route) and CUDA IPC (the tensor route) cannot run here; the same code
+runs with gloo, and the tensor route's payload format is checked."""
+
+import json
+import os
+import pickle
+import base64
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_vespo.rollout.client import ControlError, EngineControl, RolloutClient, wait_until_healthy
+from megatron_vespo.rollout.weight_sync import WeightSync, _free_port, serialize_named_tensors
+from tests.conftest import ROOT, _env, torchrun
+from tests.hf_models import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wsync")
+    make_hf_model("qwen3_moe", str(root / "a"), seed=0)
+    make_hf_model("qwen3_moe", str(root / "b"), seed=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_vespo", "serve-local", "--model", str(models / "a"),
+                             "--port", str(port), "--dtype", "float32"], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy([url], timeout_s=180, processes=[proc])
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def engine_vs_hf(url, hf_dir):
+    """(largest |engine - transformers| log-prob difference on a sampled continuation, its version)."""
+    import transformers as tf
+
+    sample = RolloutClient([url], vocab_size=128).generate_sync(
+        [[1, 2, 3, 9]], {"max_new_tokens": 6, "sampling_seed": 3})[0]
+    model = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([sample.prompt_ids + sample.response_ids])).logits[0], -1)
+    ref = logp[len(sample.prompt_ids) - 1:-1].gather(1, torch.tensor(sample.response_ids)[:, None])[:, 0]
+    return (ref - torch.from_numpy(sample.engine_logprobs)).abs().max().item(), sample.weight_version
+
+
+def _sync(models, engine, route, layout, nproc, source, version, *extra):
+    proc = torchrun("weight_sync.py", nproc, "--hf", str(models / source), "--layout", layout, "--route", route,
+                    "--servers", engine, "--version", version, *extra)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("SYNC"))
+    return json.loads(line.split(" ", 1)[1])
+
+
+def test_distributed_route_from_tp2_then_disk_route_from_ep2(models, engine):
+    error_a, _ = engine_vs_hf(engine, models / "a")
+    assert error_a < 1e-4
+    report = _sync(models, engine, "distributed", "tp2", 2, "b", "v1")
+    assert report["buckets"] > 1 and report["bytes"] > 0  # 64 KiB buckets: several broadcasts
+    error_b, version = engine_vs_hf(engine, models / "b")
+    still_a, _ = engine_vs_hf(engine, models / "a")
+    assert error_b < 1e-4 and version == "v1" and still_a > 0.1
+    _sync(models, engine, "disk", "ep2", 2, "a", "v2", "--disk-dir", str(models / "disk"))
+    error_a, version = engine_vs_hf(engine, models / "a")
+    assert error_a < 1e-4 and version == "v2"
+    assert EngineControl([engine]).weight_versions() == ["v2"]
+    # the engine is not left paused: a fresh generation runs (engine_vs_hf just did)
+
+
+def test_inprocess_route_from_ep2(models):
+    proc = torchrun("weight_sync.py", 2, "--hf", str(models / "b"), "--layout", "ep2", "--route", "inprocess",
+                    "--engine-model", str(models / "a"), "--version", "v7")
+    check = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("CHECK")).split(" ", 1)[1])
+    assert check["before"] > 0.1 and check["after"] < 1e-4 and check["version"] == "v7"
+
+
+def test_distributed_updates_are_refused_outside_an_update_session(engine):
+    # SGLang 0.5.23 semantics, which the sync honours by wrapping in begin/end_weight_update
+    control = EngineControl([engine])
+    with pytest.raises(ControlError, match="begin_weight_update"):
+        control.call("/update_weights_from_distributed",
+                     {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[32]],
+                      "group_name": "none"})
+
+
+def test_tensor_route_payload_is_sglangs_serializer_format():
+    tensors = [("model.norm.weight", torch.arange(4.0)), ("lm_head.weight", torch.ones(2, 3))]
+    payload = serialize_named_tensors(tensors)
+    # SGLang's MultiprocessingSerializer.deserialize: base64 -> ForkingPickler bytes -> pickle.loads
+    restored = pickle.loads(base64.b64decode(payload))
+    assert [n for n, _ in restored] == [n for n, _ in tensors]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(restored, tensors))
+
+
+def test_bad_routes_and_missing_settings_are_named():
+    with pytest.raises(ValueError, match="route must be one of"):
+        WeightSync("nccl", None, control=EngineControl(["http://x"]))
+    with pytest.raises(ValueError, match="disk route needs disk_dir"):
+        WeightSync("disk", None, control=EngineControl(["http://x"]))
+    with pytest.raises(ValueError, match="needs EngineControl"):
+        WeightSync("distributed", None)
