@@ -23,6 +23,12 @@ setup(
         "safetensors",
         # the rollout client and the local engine's HTTP server
         "aiohttp>=3.9,<4",
+        # the trainer: YAML configs, parquet prompt files, the math reward, metrics and plots
+        "pyyaml",
+        "pyarrow",
+        "math-verify[antlr4_13_2]",
+        "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI 'apex' is an unrelated package): build it from

@@ -1,0 +1,270 @@
+"""The trainer's typed configuration: dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Every key is checked: an unknown key (in the file or an override) is an error naming it and the
+keys that do exist, a value of the wrong type is an error naming the key, and cross-field rules
+(batch sizes that must divide, an engine that needs URLs) are checked in ``validate``. The
+resolved config is saved with every run (``run_dir/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from megatron_vespo.losses import LossConfig
+
+
+@dataclass
+class ModelSection:
+    hf_dir: str = ""  # Hugging Face checkpoint the policy starts from (also the engine's model)
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    params_dtype: str = "float32"  # float32 | bfloat16
+    recompute: bool = False  # full activation recompute (routing replay replays during it too)
+
+
+@dataclass
+class DataSection:
+    task: str = "synthetic"  # synthetic | file
+    synthetic_task: str = "reverse"  # see megatron_vespo.train.tasks.SYNTHETIC_TASKS
+    prompts_file: str = ""  # .jsonl or .parquet for task=file
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    reward: str = "synthetic"  # synthetic | math
+    max_prompt_tokens: int = 512
+    seed: int = 1
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "local"  # local (started by the trainer) | sglang (URLs below)
+    router_url: str = ""  # sglang: /generate goes here (or to the servers when empty)
+    server_urls: list = field(default_factory=list)  # sglang: control calls go to each server
+    api_key: str = ""
+    local_dtype: str = "bfloat16"  # the local engine's dtype (bf16 vs an fp32 trainer: real mismatch)
+    local_port: int = 0
+    prompts_per_batch: int = 8  # prompts per rollout batch
+    group_size: int = 8  # samples per prompt (GRPO group)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_concurrency: int = 64
+    timeout_s: float = 600.0
+    max_attempts: int = 3
+    weight_sync: str = "distributed"  # distributed | disk | inprocess (local engine only) | tensor
+    weight_sync_backend: str = "nccl"  # nccl on clusters; gloo for the local engine
+    weight_sync_bucket_mb: int = 512
+    weight_sync_dir: str = ""  # disk route: where checkpoints for the engine go
+
+
+@dataclass
+class AlgorithmSection:
+    loss: LossConfig = field(default_factory=LossConfig)
+    staleness: int = 1  # N: optimizer steps per rollout batch (rollout batch / mini-batch)
+    micro_batch_size: int = 0  # sequences per micro-batch (0: the whole mini-batch per data rank)
+    advantage: str = "grpo"  # grpo: (r - mean) / std in the group | grpo_mean: r - mean
+    advantage_eps: float = 1e-6
+    pi_old: str = "recompute"  # recompute (Megatron forward before the N steps) | bypass (engine's)
+    routing_replay: str = "none"  # none | r2 (record in the pi_old forward) | r3 (engine's routes)
+    async_rollout: bool = False
+    max_policy_lag: int = 1  # S: async mode, samples at most S weight versions old
+    kl_coef: float = 0.0
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class RunSection:
+    run_dir: str = "runs/run"
+    steps: int = 20  # optimizer steps in total
+    seed: int = 1234
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb_project: str = ""
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def rollout_samples(self) -> int:
+        return self.rollout.prompts_per_batch * self.rollout.group_size
+
+    @property
+    def mini_batch_samples(self) -> int:
+        return self.rollout_samples // self.algorithm.staleness
+
+    def validate(self, data_parallel_size: int = 1) -> "TrainConfig":
+        r, a, m = self.rollout, self.algorithm, self.model
+        choices = {"rollout.engine": (r.engine, ("local", "sglang")),
+                   "rollout.weight_sync": (r.weight_sync, ("distributed", "disk", "inprocess", "tensor")),
+                   "rollout.weight_sync_backend": (r.weight_sync_backend, ("nccl", "gloo")),
+                   "rollout.local_dtype": (r.local_dtype, ("bfloat16", "float32")),
+                   "model.params_dtype": (m.params_dtype, ("bfloat16", "float32")),
+                   "algorithm.advantage": (a.advantage, ("grpo", "grpo_mean")),
+                   "algorithm.pi_old": (a.pi_old, ("recompute", "bypass")),
+                   "algorithm.routing_replay": (a.routing_replay, ("none", "r2", "r3")),
+                   "data.task": (self.data.task, ("synthetic", "file")),
+                   "data.reward": (self.data.reward, ("synthetic", "math"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key} = {value!r}; choose one of {list(allowed)}")
+        if not m.hf_dir:
+            raise ValueError("model.hf_dir is required (the Hugging Face checkpoint to train)")
+        for key in ("tp", "pp", "vpp", "cp", "ep", "etp"):
+            if getattr(m, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+        for key, value in (("rollout.prompts_per_batch", r.prompts_per_batch), ("rollout.group_size", r.group_size),
+                           ("rollout.max_new_tokens", r.max_new_tokens), ("algorithm.staleness", a.staleness),
+                           ("run.steps", self.run.steps)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.rollout_samples % a.staleness:
+            raise ValueError(f"algorithm.staleness = {a.staleness} does not divide the rollout batch of "
+                             f"{self.rollout_samples} samples (rollout.prompts_per_batch x rollout.group_size)")
+        if self.mini_batch_samples % data_parallel_size:
+            raise ValueError(f"the mini-batch of {self.mini_batch_samples} samples does not divide over "
+                             f"{data_parallel_size} data-parallel ranks")
+        per_rank = self.mini_batch_samples // data_parallel_size
+        if a.micro_batch_size and per_rank % a.micro_batch_size:
+            raise ValueError(f"algorithm.micro_batch_size = {a.micro_batch_size} does not divide the "
+                             f"{per_rank} samples each data-parallel rank gets per mini-batch")
+        if r.engine == "sglang" and not (r.router_url or r.server_urls):
+            raise ValueError("rollout.engine = sglang needs rollout.router_url or rollout.server_urls")
+        if r.engine == "sglang" and not r.server_urls and r.weight_sync != "disk":
+            raise ValueError("weight sync calls every server directly: set rollout.server_urls "
+                             "(the router does not route weight updates)")
+        if r.weight_sync == "inprocess" and r.engine != "local":
+            raise ValueError("rollout.weight_sync = inprocess works only with the local engine")
+        if r.weight_sync == "disk" and not r.weight_sync_dir:
+            raise ValueError("rollout.weight_sync = disk needs rollout.weight_sync_dir")
+        if a.async_rollout and a.max_policy_lag < 1:
+            raise ValueError(f"algorithm.max_policy_lag must be >= 1 in async mode, got {a.max_policy_lag}")
+        if a.pi_old == "bypass" and a.loss.correction != "none":
+            raise ValueError("algorithm.pi_old = bypass uses the engine's log-probs as pi_old, so a mismatch "
+                             f"correction ({a.loss.correction}) has nothing to correct; set loss.correction = none")
+        if self.data.task == "file" and not self.data.prompts_file:
+            raise ValueError("data.task = file needs data.prompts_file (.jsonl or .parquet)")
+        a.loss = dataclasses.replace(a.loss, bypass=(a.pi_old == "bypass"), temperature=r.temperature).validate()
+        return self
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert a YAML or override value to the field's type; errors name the key."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool, "list": list,
+                      "float | None": typing.Optional[float]}.get(annotation, annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    if annotation is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):  # override: urls=a,b
+            return [v for v in value.split(",") if v]
+        raise ValueError(f"{key} must be a list, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"section {prefix.rstrip('.')}" if prefix else "the top level"
+        raise ValueError(f"unknown config key(s) {[f'{prefix}{u}' for u in unknown]} in {where}; "
+                         f"known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip(), value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (or none) plus ``section.key=value`` overrides -> TrainConfig (not yet validated)."""
+    data: dict = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a YAML mapping")
+    for text in overrides:
+        key, value = _parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return _build(TrainConfig, data)

@@ -1,0 +1,99 @@
+"""Prompts and verifiable rewards: synthetic token tasks for the CPU demo, and math answers.
+
+Synthetic tasks work on token ids directly (no tokenizer): ``PAD BOS EOS SEP`` then ten digit
+tokens. A prompt is ``BOS d1 .. dn SEP``; the answer is digits followed by EOS, of a length that
+varies with the prompt, so the policy must learn when to stop. The reward is 1 for an exact
+answer (EOS included), else the fraction of leading answer tokens that are right scaled by 0.5,
+so early learning has a gradient, and 0 for an answer that never stops.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+PAD, BOS, EOS, SEP = 0, 1, 2, 3
+DIGIT0 = 4
+SYNTHETIC_VOCAB = 16  # 4 specials + 10 digits, rounded up
+
+
+def digits_to_tokens(digits: list[int]) -> list[int]:
+    return [DIGIT0 + d for d in digits]
+
+
+def _reverse(digits):
+    return digits[::-1]
+
+
+def _sort(digits):
+    return sorted(digits)
+
+
+def _add(digits):
+    half = len(digits) // 2
+    a = int("".join(map(str, digits[:half])) or "0")
+    b = int("".join(map(str, digits[half:])) or "0")
+    return [int(c) for c in str(a + b)]
+
+
+def _dedupe(digits):
+    out = []
+    for d in digits:
+        if not out or out[-1] != d:
+            out.append(d)
+    return out
+
+
+SYNTHETIC_TASKS = {"reverse": _reverse, "sort": _sort, "add": _add, "dedupe": _dedupe}
+
+
+@dataclass
+class Prompt:
+    uid: int  # position in the data stream (checkpointed, so resuming continues the same stream)
+    input_ids: list[int]
+    answer: object  # token list (synthetic) or answer string (math)
+
+
+class SyntheticTask:
+    def __init__(self, name: str = "reverse", min_digits: int = 2, max_digits: int = 6, seed: int = 1):
+        if name not in SYNTHETIC_TASKS:
+            raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+        self.name, self.fn = name, SYNTHETIC_TASKS[name]
+        self.min_digits, self.max_digits, self.seed = min_digits, max_digits, seed
+
+    def prompt(self, uid: int) -> Prompt:
+        rng = random.Random(self.seed * 1_000_003 + uid)  # a pure function of uid: resumable
+        digits = [rng.randrange(10) for _ in range(rng.randint(self.min_digits, self.max_digits))]
+        answer = digits_to_tokens(self.fn(digits)) + [EOS]
+        return Prompt(uid, [BOS] + digits_to_tokens(digits) + [SEP], answer)
+
+    def max_answer_tokens(self) -> int:
+        return self.max_digits + 2
+
+    @staticmethod
+    def reward(response_ids: list[int], answer: list[int]) -> float:
+        if response_ids == answer:
+            return 1.0
+        if EOS not in response_ids:
+            return 0.0
+        right = 0
+        for got, want in zip(response_ids, answer):
+            if got != want:
+                break
+            right += 1
+        return 0.5 * right / len(answer)
+
+
+def math_reward(response_text: str, answer: str) -> float:
+    """1.0 when the response's last boxed answer equals ``answer`` (math-verify), else 0.0."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ImportError("the math reward needs the math-verify package (pip install math-verify)") from err
+    gold = parse(f"\\boxed{{{answer}}}" if "\\boxed" not in str(answer) else str(answer))
+    predicted = parse(response_text)
+    if not gold or not predicted:
+        return 0.0
+    return 1.0 if verify(gold, predicted) else 0.0
