@@ -44,6 +44,21 @@ def main(argv=None) -> int:
     serve_local.add_arguments(serve)
     serve.set_defaults(func=serve_local.main)
 
+    from megatron_vespo.train import demo, trainer
+
+    train = sub.add_parser(
+        "train",
+        help="VESPO RL of an MoE on Megatron-Core with SGLang-protocol rollouts (run under torchrun)",
+        description="Rollout -> rewards -> group advantages -> pi_old -> N optimizer steps through the "
+        "loss hook -> weight sync, from a YAML config plus section.key=value overrides.",
+    )
+    trainer.add_arguments(train)
+    train.set_defaults(func=trainer.main)
+    demo_parser = sub.add_parser(
+        "demo", help="the CPU demo: a tiny Qwen3-MoE, a local engine and a few minutes of VESPO RL")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.main)
+
     sglang = sub.add_parser("sglang", help="manage SGLang servers and the sglang-router")
     sglang_sub = sglang.add_subparsers(dest="sglang_command", required=True)
     launch_parser = sglang_sub.add_parser(

@@ -40,6 +40,7 @@ class DataSection:
     answer_key: str = "answer"
     reward: str = "synthetic"  # synthetic | math
     max_prompt_tokens: int = 512
+    apply_chat_template: bool = False  # plain-string prompts through the tokenizer's chat template
     seed: int = 1
 
 

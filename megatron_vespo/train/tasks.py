@@ -10,6 +10,7 @@ so early learning has a gradient, and 0 for an answer that never stops.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
@@ -87,13 +88,56 @@ class SyntheticTask:
 
 
 def math_reward(response_text: str, answer: str) -> float:
-    """1.0 when the response's last boxed answer equals ``answer`` (math-verify), else 0.0."""
+    r"""1.0 when the response's last ``\boxed{...}`` equals ``answer`` (math-verify), else 0.0.
+
+    Only the last boxed expression counts (as DAPO-Math's boxed reward): a response without one,
+    or whose last ``\boxed{`` is never closed (a truncated response), gets 0. ``answer`` may be
+    bare (``1/2``, ``\frac{1}{2}``, ``1,234``) or boxed itself. math-verify's timeouts use
+    ``signal.alarm``, which works only in the main thread; elsewhere it runs without them.
+    """
     try:
         from math_verify import parse, verify
     except ImportError as err:
         raise ImportError("the math reward needs the math-verify package (pip install math-verify)") from err
-    gold = parse(f"\\boxed{{{answer}}}" if "\\boxed" not in str(answer) else str(answer))
-    predicted = parse(response_text)
+    import threading
+
+    predicted_text = last_boxed(response_text)
+    if predicted_text is None or not predicted_text.strip():
+        return 0.0
+    gold_text = str(answer)
+    if "\\boxed" in gold_text or "\\fbox" in gold_text:
+        gold_text = last_boxed(gold_text) or ""
+    if not gold_text.strip():
+        raise ValueError(f"math_reward: empty reference answer {answer!r}")
+    seconds = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(f"\\boxed{{{gold_text}}}", parsing_timeout=seconds)
+    predicted = parse(f"\\boxed{{{predicted_text}}}", parsing_timeout=seconds)
     if not gold or not predicted:
         return 0.0
-    return 1.0 if verify(gold, predicted) else 0.0
+    return 1.0 if verify(gold, predicted, timeout_seconds=seconds) else 0.0
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +(?=[^\s{])")
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` / ``\fbox{...}`` (braces matched) or ``\boxed x``.
+
+    None when there is none or the last one is never closed.
+    """
+    matches = list(_BOXED.finditer(text or ""))
+    if not matches:
+        return None
+    m = matches[-1]
+    if not m.group(0).endswith("{"):  # "\boxed 5": up to the next whitespace or '$'
+        return re.match(r"[^\s$]+", text[m.end():]).group(0)
+    depth = 1
+    for i in range(m.end(), len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[m.end():i]
+    return None

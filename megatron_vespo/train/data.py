@@ -1,0 +1,330 @@
+"""Prompt sources for the trainer: the synthetic tasks, or prompts read from a .jsonl/.parquet file.
+
+A prompt source has one interface whatever it reads::
+
+    source = make_prompt_source(cfg.data, tokenizer)
+    prompt = source.prompt(uid)                               # Prompt(uid, input_ids, answer)
+    r = source.reward(response_ids, response_text, prompt)    # float
+
+``uid`` indexes an infinite stream and the prompt at a uid is a pure function of (file, tokenizer,
+seed, uid), so a trainer that checkpoints the next uid resumes on exactly the same data.
+
+Prompt files (``PromptFile``)
+    * ``.jsonl`` (one JSON object a line) or ``.parquet`` (read with pyarrow).
+    * The prompt column holds a string or a chat message list ``[{"role", "content"}, ...]`` (as
+      DAPO-Math-17k and ``tools/prepare_data.py``'s outputs store it). A message list is rendered
+      with the tokenizer's chat template (with the generation prompt); a string is tokenized as it
+      is, or wrapped as one user message and templated when ``apply_chat_template=True``.
+    * The answer column must hold strings. Keys may be dotted to reach into a struct column
+      (``answer_key="reward_model.ground_truth"`` reads DAPO-Math-17k's own parquet).
+    * The stream: epoch ``e = uid // n`` visits the ``n`` usable rows in a permutation seeded by
+      ``(seed, e)``; position ``uid % n`` in it gives the row.
+    * Prompts longer than ``max_prompt_tokens`` are SKIPPED (not an error): they are dropped from
+      the stream before shuffling, so which rows are skipped depends only on the file and the
+      tokenizer; ``num_skipped`` / ``skipped_rows`` say which, and a warning gives the count. A
+      file where every prompt is too long is an error.
+    * Errors name the file, the column and the row (0-based data row; jsonl errors also give the
+      line): a missing column, an empty file, a prompt that is neither a string nor a message
+      list, an answer that is not a string.
+
+Rewards: ``synthetic`` scores token ids with ``SyntheticTask.reward``; ``math`` scores the response
+text with ``tasks.math_reward`` (math-verify on the last ``\\boxed{}``). A reward function that
+raises becomes a ``RewardError`` naming the reward, the prompt uid and the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import os
+import random
+from collections import OrderedDict
+from typing import Callable
+
+from megatron_vespo.train.tasks import Prompt, SyntheticTask, math_reward
+
+log = logging.getLogger(__name__)
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file (and column/row)."""
+
+
+class RewardError(RuntimeError):
+    """A reward function raised; the message names the reward and the prompt uid."""
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _split_key(key: str, columns: list[str]) -> tuple[str, list[str]]:
+    """``a.b.c`` -> top-level column and the path inside it (a column named ``a.b.c`` wins)."""
+    if key in columns or "." not in key:
+        return key, []
+    head, *rest = key.split(".")
+    return head, rest
+
+
+def _dig(value, path: list[str], where: str):
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            raise PromptFileError(f"{where}: no field {part!r} inside the column (got {_short(value)})")
+        value = value[part]
+    return value
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_columns(path: str, keys: list[str]) -> tuple[list[list], int]:
+    """Read the columns named by ``keys`` (dotted paths allowed) -> (one list per key, rows)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if not os.path.exists(path):
+        raise PromptFileError(f"prompt file {path} does not exist")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as err:
+            raise PromptFileError(f"{path}: cannot read as parquet ({err})") from err
+        columns = list(schema.names)
+        heads = []
+        for key in keys:
+            head, _ = _split_key(key, columns)
+            if head not in columns:
+                raise PromptFileError(f"{path}: no column {key!r}; the file has columns {columns}")
+            heads.append(head)
+        table = pq.read_table(path, columns=sorted(set(heads)))
+        n = table.num_rows
+        raw = {h: table.column(h).to_pylist() for h in set(heads)}
+        out = []
+        for key, head in zip(keys, heads):
+            _, sub = _split_key(key, columns)
+            values = raw[head]
+            if sub:
+                values = [_dig(v, sub, f"{path}: column {key!r} row {i}") for i, v in enumerate(values)]
+            out.append(values)
+        return out, n
+    if suffix == ".jsonl":
+        rows, lines = [], []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PromptFileError(f"{path}: line {lineno} is not valid JSON ({err})") from err
+                if not isinstance(row, dict):
+                    raise PromptFileError(f"{path}: line {lineno} is not a JSON object (got {_short(row)})")
+                rows.append(row)
+                lines.append(lineno)
+        out = []
+        for key in keys:
+            values = []
+            for i, (row, lineno) in enumerate(zip(rows, lines)):
+                head, sub = _split_key(key, list(row))
+                if head not in row:
+                    raise PromptFileError(f"{path}: no column {key!r} in row {i} (line {lineno}); "
+                                          f"that row has keys {sorted(row)}")
+                values.append(_dig(row[head], sub, f"{path}: column {key!r} row {i} (line {lineno})"))
+            out.append(values)
+        return out, len(rows)
+    raise PromptFileError(f"prompt file {path}: unsupported extension {suffix!r}; use .jsonl or .parquet")
+
+
+def _as_messages(value, where: str) -> list[dict] | None:
+    """A chat message list -> list of {"role", "content"} dicts; None for a string."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, dict) and "role" in value and "content" in value:
+        value = [value]  # a single message
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PromptFileError(f"{where}: the prompt must be a string or a non-empty list of "
+                              f"{{'role', 'content'}} messages, got {_short(value)}")
+    messages = []
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise PromptFileError(f"{where}: message {j} must be a dict with string 'role' and 'content', "
+                                  f"got {_short(m)}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+# -- the prompt file ---------------------------------------------------------------------------
+
+
+class PromptFile:
+    """Prompts and string answers from a .jsonl/.parquet file, as an infinite epoch-shuffled stream.
+
+    ``prompt(uid)`` -> ``Prompt(uid, input_ids, answer)``; see the module docstring for the stream,
+    the skipping of long prompts and the errors.
+    """
+
+    def __init__(self, path: str, prompt_key: str = "prompt", answer_key: str = "answer", tokenizer=None,
+                 max_prompt_tokens: int = 512, apply_chat_template: bool = False, seed: int = 1):
+        if tokenizer is None:
+            raise ValueError(f"PromptFile({path}) needs a tokenizer (the policy's Hugging Face tokenizer)")
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.path, self.prompt_key, self.answer_key = path, prompt_key, answer_key
+        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.apply_chat_template = apply_chat_template
+        (prompts, answers), n = _read_columns(path, [prompt_key, answer_key])
+        if n == 0:
+            raise PromptFileError(f"prompt file {path} is empty (no rows)")
+
+        texts, plain = [], []  # rendered text per row; whether to add the tokenizer's special tokens
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            where = f"{path}: column {prompt_key!r} row {i}"
+            if not isinstance(a, str):
+                raise PromptFileError(f"{path}: column {answer_key!r} row {i}: the answer must be a string, "
+                                      f"got {type(a).__name__} {_short(a)} (tools/prepare_data.py writes "
+                                      f"string answers)")
+            if not a.strip():
+                raise PromptFileError(f"{path}: column {answer_key!r} row {i}: the answer is empty")
+            messages = _as_messages(p, where)
+            if messages is None:
+                if not p.strip():
+                    raise PromptFileError(f"{where}: the prompt is empty")
+                if not apply_chat_template:
+                    texts.append(p)
+                    plain.append(True)
+                    continue
+                messages = [{"role": "user", "content": p}]
+            texts.append(self._render(tokenizer, messages, where))
+            plain.append(False)
+
+        ids: list[list[int] | None] = [None] * n
+        for flag in (True, False):  # plain strings get the tokenizer's BOS etc.; templates carry their own
+            rows = [i for i in range(n) if plain[i] == flag]
+            if rows:
+                enc = tokenizer([texts[i] for i in rows], add_special_tokens=flag)["input_ids"]
+                for i, e in zip(rows, enc):
+                    ids[i] = list(e)
+        self._ids = ids
+        self._answers = answers
+        self.skipped_rows = [i for i in range(n) if len(ids[i]) > max_prompt_tokens or not ids[i]]
+        skipped = set(self.skipped_rows)
+        self._rows = [i for i in range(n) if i not in skipped]
+        self.num_rows = n
+        self.num_skipped = len(self.skipped_rows)
+        if not self._rows:
+            longest = max(len(x) for x in ids)
+            raise PromptFileError(f"{path}: all {n} prompts are longer than max_prompt_tokens = "
+                                  f"{max_prompt_tokens} tokens (the longest has {longest}); raise "
+                                  f"data.max_prompt_tokens")
+        if self.num_skipped:
+            log.warning("%s: skipped %d of %d prompts longer than max_prompt_tokens = %d (rows %s%s)",
+                        path, self.num_skipped, n, max_prompt_tokens, self.skipped_rows[:10],
+                        " ..." if self.num_skipped > 10 else "")
+        self._perms: OrderedDict[int, list[int]] = OrderedDict()
+
+    @staticmethod
+    def _render(tokenizer, messages: list[dict], where: str) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptFileError(f"{where}: the prompt is a chat message list (or apply_chat_template is "
+                                  f"set) but the tokenizer has no chat template")
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:
+            raise PromptFileError(f"{where}: the tokenizer's chat template failed: {err}") from err
+
+    def __len__(self) -> int:
+        """Usable prompts (one epoch of the stream)."""
+        return len(self._rows)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = list(range(len(self._rows)))
+            random.Random(f"prompt-file:{self.seed}:{epoch}").shuffle(perm)  # str seeds: stable across runs
+            self._perms[epoch] = perm
+            while len(self._perms) > 2:
+                self._perms.popitem(last=False)
+        return perm
+
+    def row_of(self, uid: int) -> int:
+        """The file row (0-based) that ``prompt(uid)`` returns."""
+        if isinstance(uid, bool):
+            raise ValueError(f"uid must be a non-negative integer, got {uid!r}")
+        try:
+            uid = operator.index(uid)
+        except TypeError:
+            raise ValueError(f"uid must be a non-negative integer, got {uid!r}") from None
+        if uid < 0:
+            raise ValueError(f"uid must be a non-negative integer, got {uid!r}")
+        epoch, pos = divmod(uid, len(self._rows))
+        return self._rows[self._permutation(epoch)[pos]]
+
+    def prompt(self, uid: int) -> Prompt:
+        row = self.row_of(uid)
+        return Prompt(operator.index(uid), list(self._ids[row]), self._answers[row])
+
+
+# -- the common interface ----------------------------------------------------------------------
+
+
+class PromptSource:
+    """``prompt(uid) -> Prompt`` and ``reward(response_ids, response_text, prompt) -> float``.
+
+    ``prompts`` is the underlying SyntheticTask or PromptFile.
+    """
+
+    def __init__(self, prompts, reward_name: str, reward_fn: Callable[[list, str, Prompt], float]):
+        self.prompts, self.reward_name, self._reward_fn = prompts, reward_name, reward_fn
+
+    def prompt(self, uid: int) -> Prompt:
+        return self.prompts.prompt(uid)
+
+    def reward(self, response_ids: list[int], response_text: str, prompt: Prompt) -> float:
+        try:
+            value = float(self._reward_fn(response_ids, response_text, prompt))
+        except Exception as err:
+            raise RewardError(f"reward {self.reward_name!r} failed on prompt uid {prompt.uid} (answer "
+                              f"{_short(prompt.answer)}, response {_short(response_text)}): "
+                              f"{type(err).__name__}: {err}") from err
+        if not math.isfinite(value):
+            raise RewardError(f"reward {self.reward_name!r} returned {value} on prompt uid {prompt.uid}")
+        return value
+
+
+def _synthetic_reward(response_ids, response_text, prompt):
+    return SyntheticTask.reward(list(response_ids), prompt.answer)
+
+
+def _math_reward(response_ids, response_text, prompt):
+    if not isinstance(response_text, str):
+        raise TypeError(f"the math reward needs the response text, got {type(response_text).__name__}")
+    return math_reward(response_text, prompt.answer)
+
+
+def make_prompt_source(data, tokenizer=None) -> PromptSource:
+    """The trainer's prompts and reward from its ``data`` config section (``config.DataSection``).
+
+    ``task=synthetic`` needs ``reward=synthetic`` (answers are token ids); ``task=file`` needs
+    ``reward=math`` (answers are strings) and a tokenizer.
+    """
+    if data.task == "synthetic":
+        if data.reward != "synthetic":
+            raise ValueError(f"data.task = synthetic scores token ids: set data.reward = synthetic "
+                             f"(got {data.reward!r})")
+        return PromptSource(SyntheticTask(name=data.synthetic_task, seed=data.seed), "synthetic",
+                            _synthetic_reward)
+    if data.task == "file":
+        if data.reward != "math":
+            raise ValueError(f"data.task = file has string answers: set data.reward = math (got {data.reward!r})")
+        if not data.prompts_file:
+            raise ValueError("data.task = file needs data.prompts_file (.jsonl or .parquet)")
+        if tokenizer is None:
+            raise ValueError("data.task = file needs the model's tokenizer")
+        prompts = PromptFile(data.prompts_file, prompt_key=data.prompt_key, answer_key=data.answer_key,
+                             tokenizer=tokenizer, max_prompt_tokens=data.max_prompt_tokens, seed=data.seed,
+                             apply_chat_template=bool(getattr(data, "apply_chat_template", False)))
+        return PromptSource(prompts, "math", _math_reward)
+    raise ValueError(f"data.task = {data.task!r}; choose one of ['synthetic', 'file']")

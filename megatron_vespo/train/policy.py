@@ -1,0 +1,264 @@
+"""The policy on Megatron-Core: model + DDP + optimizer, the pi_old forward, the optimizer step,
+and checkpoints. The trainer's loop (``trainer.py``) calls these; the loss is the project's hook.
+
+Samples are replicated on every rank; each data-parallel rank takes its contiguous block of a
+mini-batch (``batch.partition``), packs it into THD micro-batches and slices them for context
+parallelism. A sequence never spans micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from megatron_vespo import comm
+from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for_cp, validate_samples
+from megatron_vespo.hook import make_forward_step, reduce_metrics
+from megatron_vespo.losses import LossConfig
+from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class Policy:
+    def __init__(self, cfg, layout: Layout):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+        from megatron_vespo.mcore.model import build_gpt_chunks, transformer_config
+        from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, load_hf_state
+
+        self.cfg, self.layout = cfg, layout
+        initialize_model_parallel(layout, seed=cfg.run.seed)
+        self.hf_config = load_hf_config(cfg.model.hf_dir)
+        self.m = model_config_from_hf(self.hf_config)
+        self.m.check_layout(layout)
+        dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+        overrides = {}
+        if cfg.model.recompute:
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if cfg.algorithm.routing_replay != "none":
+            overrides["moe_enable_routing_replay"] = True
+        self.config = transformer_config(self.m, layout, params_dtype=dtype, **overrides)
+        chunks = build_gpt_chunks(self.m, self.config)
+        source = SafetensorsSource(cfg.model.hf_dir)
+        for chunk in chunks:
+            load_hf_state(chunk, source, ShardContext.from_model(chunk, self.m))
+        self.chunks = chunks
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.ddp = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
+        self.config.no_sync_func = [d.no_sync for d in self.ddp] if len(self.ddp) > 1 else self.ddp[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
+            params_dtype=dtype, use_distributed_optimizer=False), self.ddp)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.run.steps, o.warmup_steps + 1),
+            lr_decay_style="constant" if o.min_lr in (0.0, o.lr) else "cosine", start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=max(cfg.run.steps, 1), wd_incr_style="constant")
+        self.ps = ps
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.loss_cfg: LossConfig = cfg.algorithm.loss
+        self.replay = None
+        if cfg.algorithm.routing_replay != "none":
+            from megatron_vespo.routing_replay import RoutingReplay
+
+            self.replay = RoutingReplay(self.chunks, self.m, layout)
+
+    # -- batches --------------------------------------------------------------------------------
+
+    def _micro_batches(self, samples: list[Sample], ids: list[int], num_microbatches: int):
+        """This rank's CP-local packed micro-batches for the samples ``ids`` (a mini-batch)."""
+        cp, tp = self.layout.cp, self.layout.tp
+        seq_multiple = 2 * cp if cp > 1 else 1
+        total_multiple = seq_multiple * tp
+        plan = partition(len(ids), self.dp_size, num_microbatches)[self.dp_rank]
+        groups = [[ids[i] for i in block] for block in plan]
+        # pipeline stages exchange fixed-shape activations: one length for all micro-batches
+        lengths = [sum(-(-samples[i].tokens.numel() // seq_multiple) * seq_multiple for i in g) for g in groups]
+        pad_to = -(-max(lengths) // total_multiple) * total_multiple
+        out = []
+        for group in groups:
+            mb = build_micro_batch([samples[i] for i in group], "packed", seq_multiple, total_multiple, group,
+                                   pad_to=pad_to)
+            out.append(slice_for_cp(mb, cp, self.cp_rank))
+        return out, groups
+
+    def _num_microbatches(self, n_samples: int) -> int:
+        per_rank = n_samples // self.dp_size
+        mbs = self.cfg.algorithm.micro_batch_size or per_rank
+        return max(per_rank // mbs, 1)
+
+    def _run(self, forward_step, micro_batches, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        # virtual pipeline: one iterator per model chunk, over the same micro-batches
+        iterator = iter(micro_batches) if len(self.ddp) == 1 else [iter(micro_batches) for _ in self.ddp]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterator, model=self.ddp,
+            num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1] * self.layout.cp,
+            micro_batch_size=1, forward_only=forward_only)
+
+    # -- pi_old ---------------------------------------------------------------------------------
+
+    def logprobs(self, samples: list[Sample], record_routes: bool = False) -> list[torch.Tensor]:
+        """Per-sample log-probs of the response tokens under the current weights (fp32, at the
+        rollout temperature), on every rank. ``record_routes`` (R2) keeps the routes used."""
+        from megatron_vespo.hook import HookGroups
+        from megatron_vespo.logprobs import vocab_parallel_logprobs
+
+        ids = list(range(len(samples)))
+        micro_batches, groups = self._micro_batches(samples, ids, self._num_microbatches(len(samples)))
+        prompt_len = {i: samples[i].prompt_len for i in ids}
+        pieces = []  # (sample id, response positions, values) from the last stage, TP rank 0
+        hook_groups = HookGroups.from_parallel_state()
+        temperature = self.loss_cfg.temperature
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            if self.replay is not None and record_routes:
+                self.replay.start_recording(mb)
+            output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+
+            def loss_func(logits):
+                rows = mb.loss_mask.reshape(-1).nonzero().squeeze(1)
+                logp, _ = vocab_parallel_logprobs(
+                    logits.reshape(-1, logits.shape[-1]), rows, mb.labels.reshape(-1)[rows],
+                    vocab_start=hook_groups.tp_rank * logits.shape[-1], temperature=temperature,
+                    group=hook_groups.tp)
+                if hook_groups.tp_rank == 0:
+                    seq = mb.seq_index.reshape(-1)[rows]
+                    pos = mb.position_ids.reshape(-1)[rows]
+                    for local in seq.unique().tolist():
+                        sample = mb.sample_ids[local]
+                        take = seq == local
+                        pieces.append((sample, (pos[take] + 1 - prompt_len[sample]).tolist(),
+                                       logp.detach()[take].float().tolist()))
+                return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+            return output, loss_func
+
+        for chunk in self.ddp:
+            chunk.eval()
+        with torch.no_grad():
+            self._run(forward_step, micro_batches, forward_only=True)
+        for chunk in self.ddp:
+            chunk.train()
+        gathered = comm.gather_objects(pieces, dst=0)
+        result = None
+        if torch.distributed.get_rank() == 0:
+            result = [torch.full((s.response_len,), float("nan")) for s in samples]
+            for rank_pieces in gathered:
+                for sample, positions, values in rank_pieces:
+                    result[sample][positions] = torch.tensor(values)
+            for i, values in enumerate(result):
+                if torch.isnan(values).any():
+                    missing = torch.isnan(values).nonzero().flatten()[:5].tolist()
+                    raise RuntimeError(f"pi_old forward left sample {i} without log-probs at {missing}")
+        return comm.broadcast_object(result)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[Sample], ids: list[int]) -> dict[str, float]:
+        """One optimizer step on the mini-batch ``ids``; returns the reduced metrics (every rank)."""
+        micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(ids)))
+        forward_step = make_forward_step(self.loss_cfg)
+        if self.replay is not None:
+            forward_step = self.replay.wrap_forward_step(forward_step)
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = self._run(forward_step, micro_batches, forward_only=False)
+        if self.replay is not None:
+            self.replay.check_consumed()
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = reduce_metrics(out)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = float(not ok)
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def validate(self, samples: list[Sample]) -> None:
+        validate_samples(samples, self.m.vocab_size, need_old=not self.loss_cfg.bypass,
+                         need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _sharded_state(self):
+        model_state = {}
+        for i, chunk in enumerate(self.chunks):
+            model_state[f"model{i}"] = chunk.sharded_state_dict()
+        # the optimizer's sharded state refers to the model's sharded tensors
+        merged = {}
+        for state in model_state.values():
+            merged.update(state)
+        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(merged)}
+
+    def save(self, directory: str, trainer_state: dict) -> None:
+        """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""
+        from megatron.core import dist_checkpointing
+
+        rank = torch.distributed.get_rank()
+        if rank == 0:
+            os.makedirs(os.path.join(directory, "mcore"), exist_ok=True)
+        comm.barrier()
+        dist_checkpointing.save(self._sharded_state(), os.path.join(directory, "mcore"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        from megatron.core import tensor_parallel
+
+        rng["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        torch.save(rng, os.path.join(directory, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+                json.dump(trainer_state, f, indent=1)
+        comm.barrier()
+        if rank == 0:  # the marker makes the checkpoint visible only once complete
+            with open(os.path.join(directory, "complete"), "w") as f:
+                f.write("ok\n")
+        comm.barrier()
+
+    def load(self, directory: str) -> dict:
+        from megatron.core import dist_checkpointing, tensor_parallel
+
+        rank = torch.distributed.get_rank()
+        state = dist_checkpointing.load(self._sharded_state(), os.path.join(directory, "mcore"))
+        for i, chunk in enumerate(self.chunks):
+            chunk.load_state_dict(state["model"][f"model{i}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=False))
+        rng_file = os.path.join(directory, f"rng_rank{rank}.pt")
+        if os.path.exists(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["cuda_tracker"])
+        with open(os.path.join(directory, "trainer_state.json")) as f:
+            return json.load(f)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint under run_dir/checkpoints (an interrupted save is ignored)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)
+            and os.path.exists(os.path.join(root, d, "complete"))]
+    if not done:
+        return None
+    return os.path.join(root, max(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX):])))

@@ -1,0 +1,457 @@
+"""``megatron-vespo train``: VESPO RL of an MoE on Megatron-Core with SGLang-protocol rollouts.
+
+The loop, top to bottom (``Trainer.run``):
+
+    for each rollout batch:
+        rollout       prompts -> engine (/generate, n samples each) -> responses, engine log-probs,
+                      routed experts, weight version                      [global rank 0, broadcast]
+        rewards       verifiable reward per response
+        advantages    GRPO: (r - group mean) / group std
+        pi_old        recompute with Megatron (one forward-only pass), or bypass (engine log-probs)
+        N steps       the batch split into N mini-batches (staleness N), one optimizer step each,
+                      through the loss hook; metrics per step -> metrics.jsonl, TensorBoard
+        weight sync   Megatron -> engine as HF-named buckets; the engine's weight version advances
+        checkpoint    at rollout-batch boundaries, every run.save_every optimizer steps
+
+Async mode: a thread on rank 0 generates the next batches while the trainer trains; at most
+``algorithm.max_policy_lag`` (S) batches are generated ahead, so a sample is at most S weight
+versions old when trained on; each sample's version and the lag are logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from megatron_vespo import comm
+from megatron_vespo.batch import Sample
+from megatron_vespo.train.config import TrainConfig, load_config
+
+STOP = object()
+
+
+def log(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    index: int  # rollout batch number
+    first_uid: int  # data position of its first prompt
+    samples: list  # RolloutSample, ordered by prompt then sample
+    rewards: list[float]
+    seconds: float
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float) -> np.ndarray:
+    groups = rewards.reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if kind == "grpo":
+        centred = centred / (groups.std(axis=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def version_number(version: str | None) -> int:
+    """Weight versions are "v<number>"; the engine's initial "default" is version 0."""
+    if version and version.startswith("v") and version[1:].isdigit():
+        return int(version[1:])
+    return 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from megatron_vespo.mcore.parallel import Layout
+        from megatron_vespo.train.policy import Policy
+
+        m = cfg.model
+        self.layout = Layout(tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp)
+        self.cfg = cfg
+        self.run_dir = cfg.run.run_dir
+        self.policy = Policy(cfg, self.layout)
+        cfg.validate(self.policy.dp_size)
+        self.rank = torch.distributed.get_rank()
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        self.step = 0
+        self.batch_index = 0
+        self.data_pos = 0
+        self.version = 0
+        self.server = None
+        self.metrics_file = None
+        self.tensorboard = None
+        self.wandb = None
+        self.history: list[dict] = []
+        self._last_saved = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from megatron_vespo.train.data import make_prompt_source
+        from megatron_vespo.train.policy import latest_checkpoint
+
+        cfg = self.cfg
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            cfg.save(os.path.join(self.run_dir, "config.yaml"))
+        tokenizer = self._tokenizer()
+        self.source = make_prompt_source(cfg.data, tokenizer)
+        self.tokenizer = tokenizer
+        checkpoint = latest_checkpoint(self.run_dir) if cfg.run.resume else None
+        if checkpoint:
+            state = self.policy.load(checkpoint)
+            self.step, self.batch_index = state["step"], state["batch_index"]
+            self.data_pos, self.version = state["data_pos"], state["version"]
+            log(f"resumed from {checkpoint}: step {self.step}, engine weight version v{self.version}")
+        if self.rank == 0:
+            self._open_logs(truncate_after=self.step)
+            self._start_engine()
+        self.sync = self._weight_sync()
+        if self.version > 0:  # the engine starts from the HF weights: give it the checkpoint's
+            self._sync_weights()
+
+    def _tokenizer(self):
+        if self.cfg.data.task == "synthetic":
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.cfg.model.hf_dir)
+
+    def _start_engine(self) -> None:
+        from megatron_vespo.rollout.client import EngineControl, RolloutClient, wait_until_healthy
+
+        r = self.cfg.rollout
+        api_key = r.api_key or None
+        if r.engine == "local":
+            from megatron_vespo.rollout.serve_local import LocalServer
+
+            self.server = LocalServer(self.cfg.model.hf_dir, port=r.local_port, api_key=api_key,
+                                      dtype=r.local_dtype, seed=self.cfg.run.seed).start()
+            urls, servers = [self.server.url], [self.server.url]
+            log(f"local engine ({r.local_dtype}) serving on {self.server.url}")
+        else:
+            servers = list(r.server_urls)
+            urls = [r.router_url] if r.router_url else servers
+            try:
+                wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
+            except TimeoutError as err:
+                raise RuntimeError(f"rollout engine unreachable: {err}") from None
+        m = self.policy.m
+        routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
+        self.client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,
+                                    max_attempts=r.max_attempts, vocab_size=m.vocab_size, routing=routing,
+                                    server_urls=servers)
+        self.control = EngineControl(servers, api_key=api_key)
+
+    def _weight_sync(self):
+        from megatron_vespo.rollout.weight_sync import WeightSync
+
+        r = self.cfg.rollout
+        dtype = torch.bfloat16 if (r.engine == "sglang" or r.local_dtype == "bfloat16") else torch.float32
+        return WeightSync(r.weight_sync, self.policy.m, control=getattr(self, "control", None),
+                          engine=self.server.engine if self.server is not None else None,
+                          bucket_bytes=r.weight_sync_bucket_mb * 2**20, dtype=dtype,
+                          hf_config=self.policy.hf_config, disk_dir=r.weight_sync_dir or None,
+                          side_files_from=self.cfg.model.hf_dir,
+                          backend="gloo" if r.engine == "local" else r.weight_sync_backend)
+
+    def _open_logs(self, truncate_after: int) -> None:
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(path):  # a resumed run keeps what the checkpoint covers, nothing after it
+            with open(path) as f:
+                kept = [json.loads(line) for line in f if line.strip()]
+            kept = [row for row in kept if row["step"] <= truncate_after]
+        with open(path, "w") as f:
+            for row in kept:
+                f.write(json.dumps(row) + "\n")
+        self.history = kept
+        self.metrics_file = open(path, "a")
+        if self.cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            except ImportError:
+                log("tensorboard is not installed: metrics go to metrics.jsonl only")
+        if self.cfg.run.wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=self.cfg.run.wandb_project, config=self.cfg.to_dict(),
+                                        dir=self.run_dir, resume="allow")
+            except ImportError:
+                log("wandb is not installed: run.wandb_project ignored")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        total_batches = math.ceil(cfg.run.steps / cfg.algorithm.staleness)
+        producer = self._start_async_producer(total_batches) if cfg.algorithm.async_rollout else None
+        progress = self._progress(cfg.run.steps)
+        try:
+            while self.step < cfg.run.steps:
+                batch = self._next_batch(producer)                                  # rollout, rewards
+                samples, extra = self._prepare(batch)                               # advantages, pi_old
+                for mini_batch in self._mini_batches(len(samples)):                 # N optimizer steps
+                    if self.step >= cfg.run.steps:
+                        break
+                    metrics = self.policy.train_step(samples, mini_batch)
+                    self.step += 1
+                    self._record(metrics, batch, extra)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(reward=f"{np.mean(batch.rewards):.3f}")
+                self.batch_index += 1
+                self.data_pos = batch.first_uid + cfg.rollout.prompts_per_batch
+                self._sync_weights()                                                 # weight sync
+                if self._checkpoint_due():
+                    self.save()                                                      # checkpoint
+        finally:
+            if progress is not None:
+                progress.close()
+            if producer is not None:
+                producer.stop()
+        self.save()
+        return self.finish()
+
+    # -- rollout --------------------------------------------------------------------------------
+
+    def _sampling_params(self, uid: int) -> dict:
+        r = self.cfg.rollout
+        # a pure function of (seed, prompt uid): resuming regenerates the same rollouts
+        seed = (self.cfg.run.seed * 1_000_003 + uid * r.group_size) % (2**62)
+        return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
+                "top_k": r.top_k, "sampling_seed": seed, "no_stop_trim": True, "skip_special_tokens": False}
+
+    def _generate(self, index: int, first_uid: int) -> RolloutBatch:
+        """Rank 0 only."""
+        r = self.cfg.rollout
+        start = time.perf_counter()
+        prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + r.prompts_per_batch)]
+        routed = self.cfg.algorithm.routing_replay == "r3"
+        samples = self.client.generate_sync([p.input_ids for p in prompts],
+                                            [self._sampling_params(p.uid) for p in prompts],
+                                            n=r.group_size, return_routed_experts=routed)
+        rewards = []
+        for sample in samples:
+            prompt = prompts[sample.index]
+            text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True) if self.tokenizer else ""
+            rewards.append(self.source.reward(sample.response_ids, text, prompt))
+        return RolloutBatch(index, first_uid, samples, rewards, time.perf_counter() - start)
+
+    def _next_batch(self, producer) -> RolloutBatch:
+        batch = None
+        if self.rank == 0:
+            batch = producer.take() if producer is not None else \
+                self._generate(self.batch_index, self.data_pos)
+        return comm.broadcast_object(batch)
+
+    def _start_async_producer(self, total_batches: int):
+        if self.rank != 0:
+            return None
+        return AsyncProducer(self, total_batches)
+
+    # -- samples --------------------------------------------------------------------------------
+
+    def _prepare(self, batch: RolloutBatch):
+        a = self.cfg.algorithm
+        rewards = np.asarray(batch.rewards, dtype=np.float64)
+        advantages = group_advantages(rewards, self.cfg.rollout.group_size, a.advantage, a.advantage_eps)
+        samples = [Sample(tokens=torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long),
+                          prompt_len=len(s.prompt_ids), advantage=float(adv), old_logprobs=None,
+                          engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
+                   for s, adv in zip(batch.samples, advantages)]
+        if self.policy.replay is not None and a.routing_replay == "r3":
+            self.policy.replay.set_sample_routes([s.routed_experts for s in batch.samples])
+        if a.pi_old == "recompute":
+            old = self.policy.logprobs(samples, record_routes=a.routing_replay == "r2")
+            for sample, values in zip(samples, old):
+                sample.old_logprobs = values
+        self.policy.validate(samples)
+        # the hook reports the token mismatch (mismatch/abs_logp_diff, mismatch/kl_k3) per step
+        extra = {"lag": [self.version - version_number(s.weight_version) for s in batch.samples]}
+        return samples, extra
+
+    def _mini_batches(self, n: int):
+        """The rollout batch in N = staleness mini-batches, in a seeded shuffled order."""
+        order = np.random.default_rng(self.cfg.run.seed + self.batch_index).permutation(n).tolist()
+        size = n // self.cfg.algorithm.staleness
+        return [sorted(order[i:i + size]) for i in range(0, n, size)]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _record(self, metrics: dict, batch: RolloutBatch, extra: dict) -> None:
+        if self.rank != 0:
+            return
+        lengths = [len(s.response_ids) for s in batch.samples]
+        row = {"step": self.step, "reward/mean": float(np.mean(batch.rewards)),
+               "reward/std": float(np.std(batch.rewards)), "response_len/mean": float(np.mean(lengths)),
+               "response/stopped": float(np.mean([s.finish_reason == "stop" for s in batch.samples])),
+               "rollout/batch": batch.index, "rollout/seconds": batch.seconds, "weight_version": self.version,
+               "policy_lag/mean": float(np.mean(extra["lag"])), "policy_lag/max": int(np.max(extra["lag"]))}
+        row.update({k: v for k, v in extra.items() if k != "lag"})
+        row.update({k: float(v) for k, v in metrics.items()})
+        self.history.append(row)
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=self.step)
+
+    def _sync_weights(self) -> None:
+        self.version += 1
+        report = self.sync.sync(self.policy.chunks, f"v{self.version}")
+        if report is not None:
+            log(f"weights v{self.version} -> engine ({report.route}): {report.bytes / 2**20:.1f} MiB "
+                f"in {report.seconds:.2f} s")
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.run.save_every
+        return bool(every) and self.step % every == 0 and self.step < self.cfg.run.steps
+
+    def save(self) -> None:
+        from megatron_vespo.train.policy import CHECKPOINT_PREFIX
+
+        directory = os.path.join(self.run_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{self.step}")
+        if self._last_saved == self.step:
+            return
+        # written aside and renamed once complete: a kill mid-save never leaves a half checkpoint
+        # where resume would look, and a stale one from an earlier run is replaced whole
+        partial = directory + ".partial"
+        if self.rank == 0 and os.path.exists(partial):
+            shutil.rmtree(partial)
+        comm.barrier()
+        self.policy.save(partial, {"step": self.step, "batch_index": self.batch_index, "data_pos": self.data_pos,
+                                   "version": self.version})
+        if self.rank == 0:
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.rename(partial, directory)
+        comm.barrier()
+        self._last_saved = self.step
+        log(f"checkpoint: {directory}")
+
+    def _progress(self, total: int):
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr)
+
+    def finish(self) -> dict:
+        summary = {}
+        if self.rank == 0:
+            from megatron_vespo.train.plots import plot_run
+
+            if self.cfg.run.plot and self.history:
+                summary["plot"] = plot_run(self.history, os.path.join(self.run_dir, "training.png"))
+            if self.history:
+                rewards = [row["reward/mean"] for row in self.history]
+                window = max(1, len(rewards) // 5)
+                summary.update(steps=self.step, reward_start=float(np.mean(rewards[:window])),
+                               reward_end=float(np.mean(rewards[-window:])))
+                with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+            if self.metrics_file:
+                self.metrics_file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        return summary
+
+    def close(self) -> None:
+        if getattr(self, "sync", None) is not None:
+            self.sync.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class AsyncProducer:
+    """Generates rollout batches ahead of training on a thread of rank 0; at most S batches ahead."""
+
+    def __init__(self, trainer: Trainer, total_batches: int):
+        self.trainer = trainer
+        self.permits = threading.Semaphore(trainer.cfg.algorithm.max_policy_lag)
+        self.ready: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, args=(total_batches,), daemon=True, name="rollout")
+        self.thread.start()
+
+    def _loop(self, total_batches: int) -> None:
+        index, uid = self.trainer.batch_index, self.trainer.data_pos
+        while index < total_batches and not self.stopping.is_set():
+            self.permits.acquire()
+            if self.stopping.is_set():
+                break
+            try:
+                self.ready.put(self.trainer._generate(index, uid))
+            except BaseException as err:  # handed to the training thread, which raises it
+                self.ready.put(err)
+                return
+            index += 1
+            uid += self.trainer.cfg.rollout.prompts_per_batch
+
+    def take(self) -> RolloutBatch:
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"rollout failed: {item}") from item
+        self.permits.release()  # the next batch may start: it will be at most S versions old
+        return item
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.permits.release()
+        self.thread.join(timeout=60)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="YAML config (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algorithm.staleness=4")
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides).validate()  # fail before starting anything
+    m = cfg.model
+    needed = m.tp * m.pp * m.cp
+    if "WORLD_SIZE" not in os.environ and needed > 1:
+        raise ValueError(f"the layout needs at least {needed} processes: run under torchrun "
+                         f"(torchrun --nproc-per-node N -m megatron_vespo train --config ...)")
+    return run_training(cfg)
+
+
+def run_training(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        if summary.get("reward_start") is not None:
+            print(f"reward: {summary['reward_start']:.3f} (first steps) -> {summary['reward_end']:.3f} "
+                  f"(last steps) over {summary['steps']} optimizer steps", flush=True)
+        if summary.get("plot"):
+            print(f"plot: {summary['plot']}", flush=True)
+        print(f"run directory: {os.path.abspath(trainer.run_dir)}", flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
