@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args.argv = argv  # commands that start torchrun re-run themselves with the same arguments
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as err:
         print(f"megatron-vespo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

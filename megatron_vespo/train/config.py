@@ -52,6 +52,7 @@ class RolloutSection:
     api_key: str = ""
     local_dtype: str = "bfloat16"  # the local engine's dtype (bf16 vs an fp32 trainer: real mismatch)
     local_port: int = 0
+    local_max_batch: int = 64  # 1: requests one at a time, so fp32 rollouts are bitwise reproducible
     prompts_per_batch: int = 8  # prompts per rollout batch
     group_size: int = 8  # samples per prompt (GRPO group)
     max_new_tokens: int = 32

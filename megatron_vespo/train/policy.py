@@ -198,7 +198,7 @@ class Policy:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _sharded_state(self):
+    def _sharded_state(self, is_loading: bool = False):
         model_state = {}
         for i, chunk in enumerate(self.chunks):
             model_state[f"model{i}"] = chunk.sharded_state_dict()
@@ -206,7 +206,8 @@ class Policy:
         merged = {}
         for state in model_state.values():
             merged.update(state)
-        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(merged)}
+        # loading: Megatron first creates the Adam moments, so the checkpoint has tensors to fill
+        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(merged, is_loading=is_loading)}
 
     def save(self, directory: str, trainer_state: dict) -> None:
         """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""
@@ -236,7 +237,7 @@ class Policy:
         from megatron.core import dist_checkpointing, tensor_parallel
 
         rank = torch.distributed.get_rank()
-        state = dist_checkpointing.load(self._sharded_state(), os.path.join(directory, "mcore"))
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), os.path.join(directory, "mcore"))
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(state["model"][f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -137,7 +137,8 @@ class Trainer:
             from megatron_vespo.rollout.serve_local import LocalServer
 
             self.server = LocalServer(self.cfg.model.hf_dir, port=r.local_port, api_key=api_key,
-                                      dtype=r.local_dtype, seed=self.cfg.run.seed).start()
+                                      dtype=r.local_dtype, seed=self.cfg.run.seed,
+                                      max_batch=r.local_max_batch).start()
             urls, servers = [self.server.url], [self.server.url]
             log(f"local engine ({r.local_dtype}) serving on {self.server.url}")
         else:
@@ -146,7 +147,7 @@ class Trainer:
             try:
                 wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
             except TimeoutError as err:
-                raise RuntimeError(f"rollout engine unreachable: {err}") from None
+                raise ConnectionError(f"rollout engine unreachable: {err}") from None
         m = self.policy.m
         routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
         self.client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,

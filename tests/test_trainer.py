@@ -1,0 +1,140 @@
+"""The trainer end to end on CPU: config errors, a short run's outputs, resume after a kill giving
+the same losses as an uninterrupted run, and the same losses under a data-parallel layout."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from megatron_vespo.train.config import load_config
+from megatron_vespo.train.trainer import group_advantages, version_number
+from tests.conftest import ROOT, _env, run_cli
+
+CONFIG = os.path.join(ROOT, "examples", "configs", "demo_cpu.yaml")
+# small and deterministic: an fp32 engine taking one request at a time, so rollouts and their
+# log-probs are bitwise reproducible (batched fp32 matmuls round differently with the batch)
+SMALL = ["rollout.prompts_per_batch=4", "rollout.group_size=4", "rollout.max_new_tokens=8",
+         "rollout.local_dtype=float32", "rollout.local_max_batch=1", "algorithm.staleness=2", "algorithm.micro_batch_size=4",
+         "run.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from megatron_vespo.train.demo import build_model
+
+    path = str(tmp_path_factory.mktemp("trainer") / "model")
+    build_model(path, "reverse", log=lambda message: None)
+    return path
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_args(model_dir, run_dir, *extra):
+    return ["train", "--config", CONFIG, f"model.hf_dir={model_dir}", f"run.run_dir={run_dir}", *SMALL, *extra]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rollout.max_tokens'\]"):
+        load_config(CONFIG, ["rollout.max_tokens=3"])
+    with pytest.raises(ValueError, match="algorithm.staleness = 3 does not divide the rollout batch of 64"):
+        load_config(CONFIG, ["algorithm.staleness=3"]).validate()
+    with pytest.raises(ValueError, match="rollout.weight_sync = 'ncl'"):
+        load_config(CONFIG, ["rollout.weight_sync=ncl"]).validate()
+    with pytest.raises(ValueError, match="optimizer.lr must be a number"):
+        load_config(CONFIG, ["optimizer.lr=fast"])
+    with pytest.raises(ValueError, match="does not divide over 3 data-parallel ranks"):
+        load_config(CONFIG, []).validate(data_parallel_size=3)
+    proc = run_cli("train", "--config", CONFIG, "algorithm.loss.name=ppo")
+    assert proc.returncode == 2 and "unknown loss 'ppo'" in proc.stderr
+
+
+def test_group_advantages_and_versions():
+    rewards = np.array([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(rewards, 4, "grpo", 1e-6)
+    assert np.allclose(adv[:4].mean(), 0) and adv[0] > 0 > adv[1] and np.allclose(adv[4:], 0)
+    assert np.allclose(group_advantages(rewards, 4, "grpo_mean", 1e-6)[:4], [0.75, -0.25, -0.25, -0.25])
+    assert [version_number(v) for v in ("default", "v0", "v12", None)] == [0, 0, 12, 0]
+
+
+def test_an_unreachable_engine_is_a_clear_error(model_dir, tmp_path):
+    proc = run_cli(*_train_args(model_dir, tmp_path / "run", "rollout.engine=sglang", "rollout.weight_sync=distributed",
+                                "rollout.server_urls=http://127.0.0.1:9", "rollout.timeout_s=2"), timeout=300)
+    assert proc.returncode != 0 and "rollout engine unreachable" in proc.stderr
+
+
+def test_a_short_run_writes_metrics_checkpoint_and_plot(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=4"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # two optimizer steps per rollout batch (staleness 2): they share the batch and its reward
+    assert rows[0]["reward/mean"] == rows[1]["reward/mean"] and rows[0]["rollout/batch"] == 0
+    assert rows[2]["rollout/batch"] == 1 and rows[2]["weight_version"] == 1
+    for row in rows:
+        assert all(np.isfinite(row[k]) for k in ("policy_loss", "phi", "w_seq", "grad_norm", "reward/mean"))
+    # the first step of a batch is on-policy up to the engine mismatch: W is 1 up to it
+    assert abs(rows[0]["log_w"]) < 1e-3
+    assert os.path.exists(run_dir / "checkpoints" / "step-4" / "complete")
+    assert os.path.getsize(run_dir / "training.png") > 10_000
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path):
+    steps = ["run.steps=6", "run.save_every=2", "run.plot=false"]
+    whole = tmp_path / "whole"
+    proc = run_cli(*_train_args(model_dir, whole, *steps), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = _metrics(whole)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "megatron_vespo", *_train_args(model_dir, killed, *steps, "run.resume=true")]
+    victim = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 300
+    # kill once the step-2 checkpoint is complete and step 3 has been trained (then lost)
+    while time.monotonic() < deadline and victim.poll() is None:
+        if (killed / "checkpoints" / "step-2" / "complete").exists() and os.path.exists(killed / "metrics.jsonl") \
+                and any(r["step"] >= 3 for r in _metrics(killed)):
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "checkpoints" / "step-6").exists()
+
+    proc = run_cli(*_train_args(model_dir, killed, *steps, "run.resume=true"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    resumed = _metrics(killed)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(reference, resumed):
+        assert a["reward/mean"] == b["reward/mean"], (a["step"], a["reward/mean"], b["reward/mean"])
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-6, abs=1e-9), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
+
+
+def test_data_parallel_training_matches_one_process(model_dir, tmp_path):
+    """ep2 (data-parallel 2, experts split) under torchrun: the same rollouts, the same losses."""
+    steps = ["run.steps=2", "run.plot=false"]
+    single = tmp_path / "single"
+    proc = run_cli(*_train_args(model_dir, single, *steps), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parallel = tmp_path / "ep2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_vespo", *_train_args(model_dir, parallel, *steps, "model.ep=2")]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(_metrics(single), _metrics(parallel)):
+        assert a["reward/mean"] == b["reward/mean"]
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
