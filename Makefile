@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo parity test install benchmark clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m megatron_vespo demo
+
+parity: $(STAMP)
 	$(PY) -m megatron_vespo parity --layouts "dp2,tp2,pp2,cp2,ep2" --losses vespo,grpo
 
 # SGLang's own request/response schema (sglang/api/v1/api_types.py) is read from its wheel, not

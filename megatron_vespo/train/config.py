@@ -35,6 +35,8 @@ class ModelSection:
 class DataSection:
     task: str = "synthetic"  # synthetic | file
     synthetic_task: str = "reverse"  # see megatron_vespo.train.tasks.SYNTHETIC_TASKS
+    synthetic_min_digits: int = 2
+    synthetic_max_digits: int = 6
     prompts_file: str = ""  # .jsonl or .parquet for task=file
     prompt_key: str = "prompt"
     answer_key: str = "answer"
@@ -66,6 +68,10 @@ class RolloutSection:
     weight_sync_backend: str = "nccl"  # nccl on clusters; gloo for the local engine
     weight_sync_bucket_mb: int = 512
     weight_sync_dir: str = ""  # disk route: where checkpoints for the engine go
+    # distributed route: the address the servers use to reach trainer rank 0 ("" = the local
+    # address of the interface that routes to the first server)
+    weight_sync_master_address: str = ""
+    weight_sync_master_port: int = 0  # 0: a free port
 
 
 @dataclass
@@ -210,6 +216,11 @@ def _coerce(value, annotation, key: str):
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ValueError(f"{key} must be a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

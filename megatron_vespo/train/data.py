@@ -314,7 +314,9 @@ def make_prompt_source(data, tokenizer=None) -> PromptSource:
         if data.reward != "synthetic":
             raise ValueError(f"data.task = synthetic scores token ids: set data.reward = synthetic "
                              f"(got {data.reward!r})")
-        return PromptSource(SyntheticTask(name=data.synthetic_task, seed=data.seed), "synthetic",
+        return PromptSource(SyntheticTask(name=data.synthetic_task, seed=data.seed,
+                                            min_digits=getattr(data, "synthetic_min_digits", 2),
+                                            max_digits=getattr(data, "synthetic_max_digits", 6)), "synthetic",
                             _synthetic_reward)
     if data.task == "file":
         if data.reward != "math":

@@ -23,22 +23,23 @@ from megatron_vespo.train import tasks
 MODEL_SETTINGS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=32, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
                       num_experts_per_tok=2, max_position_embeddings=64)
-WARM_START = dict(steps=40, batch=64, lr=3e-3, seed=0)
+WARM_START = dict(steps=25, batch=64, lr=3e-3, seed=0)
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "examples", "configs", "demo_cpu.yaml")
 
 
-def _stamp(task_name: str) -> str:
-    text = json.dumps([MODEL_SETTINGS, WARM_START, task_name], sort_keys=True)
+def _stamp(task_name: str, digits: tuple[int, int]) -> str:
+    text = json.dumps([MODEL_SETTINGS, WARM_START, task_name, list(digits)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_model(directory: str, task_name: str = "reverse", log=print) -> str:
-    """Create (or reuse) the warm-started tiny Qwen3-MoE in ``directory``."""
+def build_model(directory: str, task_name: str = "reverse", log=print, digits: tuple[int, int] = (2, 6)) -> str:
+    """Create (or reuse) the warm-started tiny Qwen3-MoE in ``directory`` for prompts of
+    ``digits`` = (min, max) digits."""
     import transformers as tf
 
     stamp_file = os.path.join(directory, "demo_stamp.txt")
-    stamp = _stamp(task_name)
+    stamp = _stamp(task_name, digits)
     if os.path.exists(stamp_file) and open(stamp_file).read().strip() == stamp:
         log(f"model: reusing {directory}")
         return directory
@@ -51,7 +52,8 @@ def build_model(directory: str, task_name: str = "reverse", log=print) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: tiny Qwen3-MoE, {n_params / 1e6:.2f} M parameters, {config.num_experts} experts top-"
         f"{config.num_experts_per_tok}; supervised warm start on '{task_name}' ({WARM_START['steps']} steps)")
-    task = tasks.SyntheticTask(task_name, seed=10_000)  # prompts disjoint from the RL stream's seed
+    # a seed of its own: the warm start never sees the RL stream's prompts
+    task = tasks.SyntheticTask(task_name, min_digits=digits[0], max_digits=digits[1], seed=10_000)
     optimizer = torch.optim.Adam(model.parameters(), lr=WARM_START["lr"])
     start = time.perf_counter()
     uid = 0
@@ -97,6 +99,7 @@ def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.data.task != "synthetic":
         raise ValueError("the demo runs a synthetic task (data.task = synthetic)")
-    build_model(cfg.model.hf_dir, cfg.data.synthetic_task, log=lambda m: print(m, file=sys.stderr, flush=True))
+    build_model(cfg.model.hf_dir, cfg.data.synthetic_task, log=lambda m: print(m, file=sys.stderr, flush=True),
+                digits=(cfg.data.synthetic_min_digits, cfg.data.synthetic_max_digits))
     cfg.validate()
     return run_training(cfg)  # its last line of output: "run directory: PATH"

@@ -165,7 +165,23 @@ class Trainer:
                           bucket_bytes=r.weight_sync_bucket_mb * 2**20, dtype=dtype,
                           hf_config=self.policy.hf_config, disk_dir=r.weight_sync_dir or None,
                           side_files_from=self.cfg.model.hf_dir,
-                          backend="gloo" if r.engine == "local" else r.weight_sync_backend)
+                          backend="gloo" if r.engine == "local" else r.weight_sync_backend,
+                          master_address=r.weight_sync_master_address or self._reachable_address(),
+                          master_port=r.weight_sync_master_port)
+
+    def _reachable_address(self) -> str:
+        """This host's address on the interface that routes to the first server (remote SGLang
+        servers must connect back to it; 127.0.0.1 only works on one machine)."""
+        import socket
+        from urllib.parse import urlparse
+
+        urls = list(self.cfg.rollout.server_urls) or [self.cfg.rollout.router_url]
+        host = urlparse(urls[0]).hostname if urls and urls[0] else None
+        if self.cfg.rollout.engine == "local" or not host or host in ("127.0.0.1", "localhost"):
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP: no packet is sent, only the route is looked up
+            return probe.getsockname()[0]
 
     def _open_logs(self, truncate_after: int) -> None:
         path = os.path.join(self.run_dir, "metrics.jsonl")

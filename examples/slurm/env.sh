@@ -1,0 +1,349 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # the variables set here are read by the scripts that source this file
+#
+# The environment of every script in examples/slurm/: sourced (never run) after the script has set
+# REPO_DIR and, optionally, CONFIG. Every variable below has a default and can be set when
+# submitting (sbatch passes the submitting shell's environment to the job), e.g.
+#
+#   MODEL=/shared/models/Qwen3-30B-A3B-Base DATA=/shared/data/dapo_math_17k.parquet \
+#   RUN_ROOT=/shared/runs sbatch examples/slurm/vespo_n8.sbatch
+#
+# examples/slurm/README.md lists them all. Paths must be on a file system every node sees.
+
+: "${REPO_DIR:?REPO_DIR must be set before sourcing env.sh}"
+
+# --- inputs and outputs -------------------------------------------------------------------------
+# CONFIG    trainer YAML (each script sets its own default)
+# MODEL     Hugging Face checkpoint directory: the trainer loads it directly and SGLang serves it
+# DATA      prompt parquet written by tools/prepare_data.py (columns prompt, answer)
+# RUN_ROOT  parent of run directories; RUN_NAME defaults to the config's name, so resubmitting
+#           the same script resumes the same run (run.resume = true) from its last checkpoint
+# RUN_DIR   the run directory: checkpoints, metrics.jsonl, TensorBoard, logs, servers.json
+: "${CONFIG:=$REPO_DIR/examples/configs/qwen3_30b_a3b_dapo_vespo_n8.yaml}"
+: "${MODEL:=$REPO_DIR/models/Qwen3-30B-A3B-Base}"
+: "${DATA:=$REPO_DIR/data/dapo_math_17k.parquet}"
+: "${RUN_ROOT:=$REPO_DIR/runs}"
+: "${RUN_NAME:=$(basename "$CONFIG" .yaml)}"
+: "${RUN_DIR:=$RUN_ROOT/$RUN_NAME}"
+: "${WANDB_PROJECT:=}"       # set to log to Weights & Biases too (run.wandb_project); needs WANDB_API_KEY
+: "${TRAIN_OVERRIDES:=}"     # extra section.key=value overrides for the trainer, space separated
+
+# --- cluster shape --------------------------------------------------------------------------------
+# GPUS_PER_NODE  GPUs of every node (training processes per training node)
+# TRAIN_NODES    the first TRAIN_NODES nodes of the job train; the rest serve rollouts
+#                (ROLLOUT_NODES, default: all the others)
+: "${GPUS_PER_NODE:=8}"
+: "${TRAIN_NODES:=4}"
+: "${ROLLOUT_NODES:=}"
+
+# --- rollout servers (megatron-vespo sglang launch) ------------------------------------------------
+# ROLLOUT_TP / ROLLOUT_EP  SGLang tensor / expert parallel size of each server (EP divides TP;
+#                          a server uses ROLLOUT_TP GPUs, GPUS_PER_NODE / ROLLOUT_TP per node)
+# ROLLOUT_MEM_FRACTION     --mem-fraction-static (empty: SGLang's default)
+# ROLLOUT_EXTRA_ARGS       appended to every SGLang server command, e.g. "--disable-radix-cache"
+# ROUTING_REPLAY           none | r2 | r3 -> algorithm.routing_replay; r3 also starts the servers
+#                          with --enable-return-routed-experts and sends those requests to the
+#                          servers directly (sglang-router 0.3.2 drops return_routed_experts)
+# SGLANG_PYTHON            interpreter with SGLang installed (default: the launcher's own)
+# SERVER_WAIT_S            how long to wait for every server and the router to be healthy
+# POLL_S                   seconds between the scripts' checks of servers.json and of their steps
+# STOP_GRACE_S             seconds between SIGTERM and SIGKILL when the script stops a step
+: "${ROLLOUT_TP:=4}"
+: "${ROLLOUT_EP:=1}"
+: "${ROLLOUT_MEM_FRACTION:=}"
+: "${ROLLOUT_EXTRA_ARGS:=}"
+: "${ROUTING_REPLAY:=none}"
+: "${SGLANG_PYTHON:=}"
+: "${SERVER_WAIT_S:=3600}"
+: "${POLL_S:=10}"            # how often the scripts look at servers.json and at their steps
+: "${STOP_GRACE_S:=60}"      # SIGTERM -> SIGKILL grace when stopping the trainer or the servers
+
+# --- ports ---------------------------------------------------------------------------------------
+# SERVER_PORT     HTTP port of server i: SERVER_PORT + i (SGLang also opens internal ports of its own)
+# ROUTER_PORT     the sglang-router, on the first rollout node (plus a free port for its metrics)
+# DIST_INIT_PORT  rendezvous of SGLang servers that span nodes (ROLLOUT_TP > GPUS_PER_NODE)
+# MASTER_PORT     torchrun's c10d rendezvous on the first training node
+# The weight-sync NCCL group (training rank 0 + every server GPU) uses a free port on training
+# rank 0, chosen at run time: rollout nodes must reach the training nodes on any port.
+: "${SERVER_PORT:=30000}"
+: "${ROUTER_PORT:=29900}"
+: "${DIST_INIT_PORT:=25000}"
+: "${MASTER_PORT:=29500}"
+
+# --- API key ---------------------------------------------------------------------------------------
+# Every SGLang server and the router require it as a Bearer token. Read from API_KEY_FILE; when
+# the file does not exist a random key is written there (mode 600). The key is passed on command
+# lines (SGLang's own --api-key, and rollout.api_key to the trainer): it is visible in `ps` on the
+# job's nodes; it keeps other jobs and users on the network out, not users of the same nodes.
+: "${API_KEY_FILE:=$RUN_DIR/api_key}"
+: "${STATE_FILE:=$RUN_DIR/servers.json}"   # written by the launcher once everything is healthy
+
+# --- software ---------------------------------------------------------------------------------------
+# PYTHON          interpreter with megatron_vespo (and torch, megatron-core) inside the job's
+#                 environment (the container when CONTAINER_IMAGE is set)
+# HOST_PYTHON     python3 on the batch host, stdlib only (reads servers.json, makes the API key)
+# MEGATRON_VESPO  the megatron-vespo command (inside the job's environment)
+# TORCHRUN        the torchrun command (inside the job's environment)
+# CONTAINER_IMAGE optional: run every step in this image with pyxis/enroot (srun --container-image);
+#                 CONTAINER_MOUNTS (srun --container-mounts) must then cover REPO_DIR, MODEL, DATA
+#                 and RUN_ROOT; the default mounts REPO_DIR only
+# SRUN_EXTRA_ARGS extra srun options for every step, space separated (e.g. "--mpi=none")
+# DRY_RUN=1       print the commands instead of running them (no SLURM needed; servers.json faked)
+# CHECK_CONFIG=0  skip the config check (examples/slurm/check_config.py) before starting
+: "${PYTHON:=python3}"
+: "${HOST_PYTHON:=python3}"
+: "${MEGATRON_VESPO:=megatron-vespo}"
+: "${TORCHRUN:=torchrun}"
+: "${CONTAINER_IMAGE:=}"
+: "${CONTAINER_MOUNTS:=$REPO_DIR:$REPO_DIR}"
+: "${SRUN_EXTRA_ARGS:=}"
+: "${DRY_RUN:=0}"
+: "${CHECK_CONFIG:=1}"
+
+# --- process environment ------------------------------------------------------------------------------
+# Exported: srun passes the batch script's environment to every step (and into the container).
+export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"   # megatron_vespo without pip install
+export PYTHONUNBUFFERED=1
+export HF_HOME="${HF_HOME:-$REPO_DIR/.cache/huggingface}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"               # compute nodes read local files only
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# Megatron-Core orders TP communication and compute on one CUDA stream per device.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# MoE token counts vary step to step: expandable segments keep fragmentation down.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  # fail, do not hang
+# Network interfaces: set these when the default route is not the fast fabric, e.g.
+# NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0 (gloo carries the CPU groups), NCCL_IB_HCA=mlx5.
+for _var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_GID_INDEX; do
+  if [[ -n ${!_var:-} ]]; then export "${_var?}"; fi
+done
+unset _var
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+# run CMD...: run it, or under DRY_RUN=1 print it (one line, shell-quoted, prefixed "DRY-RUN:",
+# the API key shown as <api-key>).
+run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    local arg
+    printf 'DRY-RUN:'
+    for arg in "$@"; do
+      if [[ -n ${API_KEY:-} ]]; then
+        arg=${arg//"$API_KEY"/<api-key>}
+      fi
+      printf ' %q' "$arg"
+    done
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# start_bg CMD...: run it in the background, its pid in BG_PID (0 under DRY_RUN=1, which prints it).
+BG_PID=0
+start_bg() {
+  if [[ $DRY_RUN == 1 ]]; then
+    run "$@"
+    BG_PID=0
+  else
+    "$@" &
+    BG_PID=$!
+  fi
+}
+
+# alive PID: whether a background process is still running (always false for DRY_RUN's 0).
+alive() { [[ $1 != 0 ]] && kill -0 "$1" 2>/dev/null; }
+
+# stop_bg PID [NAME]: SIGTERM (srun forwards it to its tasks), SIGKILL after STOP_GRACE_S.
+stop_bg() {
+  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S))
+  alive "$pid" || return 0
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  while alive "$pid" && ((SECONDS < deadline)); do
+    sleep 0.2
+  done
+  if alive "$pid"; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# yaml_quote VALUE: VALUE as a single-quoted YAML string, so that overrides such as an API key of
+# digits or a path named "yes" stay strings (the trainer reads override values as YAML).
+yaml_quote() {
+  local q="'"
+  printf "'%s'" "${1//$q/$q$q}"
+}
+
+# expand_hosts HOSTLIST: one host name per line (scontrol, or the launcher's parser without SLURM).
+expand_hosts() {
+  if command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$1"
+  else
+    "$PYTHON" -c 'import sys
+from megatron_vespo.rollout.launch import expand_hostlist
+print("\n".join(expand_hostlist(sys.argv[1])))' "$1"
+  fi
+}
+
+# SRUN_COMMON: the srun options every step shares (container image and mounts, SRUN_EXTRA_ARGS).
+SRUN_COMMON=()
+if [[ -n $CONTAINER_IMAGE ]]; then
+  SRUN_COMMON+=("--container-image=$CONTAINER_IMAGE" "--container-workdir=$REPO_DIR")
+  if [[ -n $CONTAINER_MOUNTS ]]; then
+    SRUN_COMMON+=("--container-mounts=$CONTAINER_MOUNTS")
+  fi
+fi
+if [[ -n $SRUN_EXTRA_ARGS ]]; then
+  read -r -a _extra <<<"$SRUN_EXTRA_ARGS"
+  SRUN_COMMON+=("${_extra[@]}")
+  unset _extra
+fi
+
+# load_api_key: API_KEY from API_KEY_FILE, creating a random one (mode 600) when it is missing.
+load_api_key() {
+  if [[ ! -s $API_KEY_FILE ]]; then
+    mkdir -p "$(dirname "$API_KEY_FILE")"
+    (
+      umask 077
+      "$HOST_PYTHON" -c 'import secrets; print("vespo-" + secrets.token_hex(24))' >"$API_KEY_FILE"
+    )
+    log "wrote a new API key to $API_KEY_FILE"
+  fi
+  API_KEY=$(<"$API_KEY_FILE")
+  [[ -n $API_KEY ]] || die "empty API key in $API_KEY_FILE"
+}
+
+# wait_for_state PID: wait until the launcher (background pid PID) has written STATE_FILE, then
+# set ROUTER_URL and SERVER_URLS (comma separated) from it. Fails when PID exits first or after
+# SERVER_WAIT_S seconds. Under DRY_RUN=1 it sets placeholder URLs instead.
+wait_for_state() {
+  local pid=$1 deadline=$((SECONDS + SERVER_WAIT_S))
+  if [[ $DRY_RUN == 1 ]]; then
+    ROUTER_URL="http://ROUTER-FROM-$(basename "$STATE_FILE"):$ROUTER_PORT"
+    SERVER_URLS="http://SERVER0-FROM-$(basename "$STATE_FILE"):$SERVER_PORT,http://SERVER1-FROM-$(basename "$STATE_FILE"):$((SERVER_PORT + 1))"
+    return 0
+  fi
+  log "waiting for the rollout servers and the router ($STATE_FILE, up to $SERVER_WAIT_S s)"
+  until [[ -s $STATE_FILE ]]; do
+    alive "$pid" || die "the rollout launcher exited before writing $STATE_FILE (see its log above)"
+    ((SECONDS < deadline)) || die "no $STATE_FILE after $SERVER_WAIT_S s"
+    sleep "$POLL_S"
+  done
+  local lines
+  lines=$("$HOST_PYTHON" -c 'import json, sys
+state = json.load(open(sys.argv[1]))
+urls = state.get("server_urls") or []
+if not urls:
+    sys.exit("no server_urls in " + sys.argv[1])
+print(state.get("router_url") or "")
+print(",".join(urls))' "$STATE_FILE") || die "cannot read $STATE_FILE"
+  ROUTER_URL=${lines%%$'\n'*}
+  SERVER_URLS=${lines#*$'\n'}
+  log "router: ${ROUTER_URL:-none}; servers: $SERVER_URLS"
+}
+
+# check_config NODES GPUS OVERRIDE...: examples/slurm/check_config.py for NODES x GPUS training
+# processes, with the overrides the trainer will get (URLs get placeholders: not known yet).
+check_config() {
+  local nodes=$1 gpus=$2
+  shift 2
+  if [[ $CHECK_CONFIG != 1 ]]; then
+    log "CHECK_CONFIG=$CHECK_CONFIG: config check skipped"
+    return 0
+  fi
+  local cmd=("$PYTHON" "$REPO_DIR/examples/slurm/check_config.py" --config "$CONFIG" --nodes "$nodes"
+    --gpus-per-node "$gpus" --placeholder-urls "$@")
+  if [[ -n $CONTAINER_IMAGE && -n ${SLURM_JOB_ID:-} && $DRY_RUN != 1 ]]; then
+    # the batch host is outside the container: run the check as a one-task step inside it
+    cmd=(srun --nodes=1 --ntasks=1 --overlap "${SRUN_COMMON[@]}" "${cmd[@]}")
+  fi
+  "${cmd[@]}" || die "the config does not fit this job (fix it before any GPU starts)"
+}
+
+# trainer_overrides: the section.key=value overrides every script gives the trainer, in the
+# TRAINER_OVERRIDES array (ROUTER_URL and SERVER_URLS must be set).
+trainer_overrides() {
+  TRAINER_OVERRIDES=(
+    "model.hf_dir=$(yaml_quote "$MODEL")"
+    "data.prompts_file=$(yaml_quote "$DATA")"
+    "run.run_dir=$(yaml_quote "$RUN_DIR")"
+    "rollout.router_url=$(yaml_quote "$ROUTER_URL")"
+    "rollout.server_urls=$(yaml_quote "$SERVER_URLS")"
+    "rollout.api_key=$(yaml_quote "$API_KEY")"
+    "algorithm.routing_replay=$ROUTING_REPLAY"
+  )
+  if [[ -n $WANDB_PROJECT ]]; then
+    TRAINER_OVERRIDES+=("run.wandb_project=$(yaml_quote "$WANDB_PROJECT")")
+  fi
+  if [[ -n $TRAIN_OVERRIDES ]]; then
+    local extra
+    read -r -a extra <<<"$TRAIN_OVERRIDES"
+    TRAINER_OVERRIDES+=("${extra[@]}")
+  fi
+}
+
+# launch_args: the options of `megatron-vespo sglang launch` shared by the scripts, in LAUNCH_ARGS.
+launch_args() {
+  LAUNCH_ARGS=(--engine sglang --model "$MODEL" --tp-size "$ROLLOUT_TP" --ep-size "$ROLLOUT_EP"
+    --api-key "$API_KEY" --state-file "$STATE_FILE" --log-dir "$RUN_DIR/rollout_logs"
+    --port "$SERVER_PORT" --router-port "$ROUTER_PORT" --dist-init-port "$DIST_INIT_PORT"
+    --health-timeout "$SERVER_WAIT_S")
+  case $ROUTING_REPLAY in
+    r3) LAUNCH_ARGS+=(--enable-return-routed-experts) ;;
+    none | r2) ;;
+    *) die "ROUTING_REPLAY=$ROUTING_REPLAY: choose none, r2 or r3" ;;
+  esac
+  if [[ -n $ROLLOUT_MEM_FRACTION ]]; then
+    LAUNCH_ARGS+=(--mem-fraction-static "$ROLLOUT_MEM_FRACTION")
+  fi
+  if [[ -n $SGLANG_PYTHON ]]; then
+    LAUNCH_ARGS+=(--server-python "$SGLANG_PYTHON")
+  fi
+  if [[ -n $ROLLOUT_EXTRA_ARGS ]]; then
+    LAUNCH_ARGS+=("--extra-server-args=$ROLLOUT_EXTRA_ARGS")
+  fi
+}
+
+# --- supervision ----------------------------------------------------------------------------------------
+# install_traps: on exit (normal, error, SIGTERM from scancel or --signal, SIGINT) stop the trainer
+# and the rollout servers (TRAIN_PID, ROLLOUT_PID) that are still running.
+TRAIN_PID=0
+ROLLOUT_PID=0
+_cleanup() {
+  local rc=$?
+  trap - EXIT
+  stop_bg "$TRAIN_PID" trainer
+  stop_bg "$ROLLOUT_PID" "rollout servers"
+  exit "$rc"
+}
+install_traps() {
+  trap _cleanup EXIT
+  trap 'log "SIGTERM: stopping"; exit 143' TERM
+  trap 'log "SIGINT: stopping"; exit 130' INT
+}
+
+# supervise: wait for the trainer; if the rollout servers stop first, stop the trainer and fail.
+# Exits with the trainer's exit code (the EXIT trap then stops the servers).
+supervise() {
+  local rc=0
+  while alive "$TRAIN_PID"; do
+    if ! alive "$ROLLOUT_PID"; then
+      log "the rollout servers stopped during training: stopping the trainer"
+      stop_bg "$TRAIN_PID" trainer
+      TRAIN_PID=0
+      exit 1
+    fi
+    sleep "$POLL_S"
+  done
+  wait "$TRAIN_PID" || rc=$?
+  TRAIN_PID=0
+  log "training finished with exit code $rc"
+  exit "$rc"
+}
