@@ -86,10 +86,16 @@ class ReferenceMoE:
         up = x @ self.w[prefix + "up_proj.weight"].T
         return (F.silu(gate) * up) @ self.w[prefix + "down_proj.weight"].T
 
-    def moe(self, x, i):
+    def moe(self, x, i, routes=None):
+        """MoE block of layer ``i``; ``routes`` [L, top_k] forces the experts (routing replay):
+        their probabilities are the softmax over the forced experts' router logits."""
         m, p = self.m, f"model.layers.{i}.mlp."
         router_logits = _acc(x) @ _acc(self.w[p + "gate.weight"]).T
-        top_vals, top_idx = torch.topk(router_logits, m.moe_router_topk, dim=-1)
+        if routes is None:
+            top_vals, top_idx = torch.topk(router_logits, m.moe_router_topk, dim=-1)
+        else:
+            top_idx = torch.as_tensor(routes).to(torch.long)
+            top_vals = router_logits.gather(1, top_idx)
         probs = torch.softmax(top_vals, dim=-1).to(x.dtype)
         out = torch.zeros_like(x)
         for e in range(m.num_experts):
@@ -99,7 +105,10 @@ class ReferenceMoE:
                 out = out.index_add(0, rows, y * probs[rows, slot].unsqueeze(1))
         return out, top_idx
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, routes=None, routes_out: list | None = None) -> torch.Tensor:
+        """Logits [L, vocab]. ``routes`` [L, num_layers, top_k] (global layer ids; dense layers
+        ignored) forces each MoE layer's experts; ``routes_out``, when a list, receives
+        ``(layer, top_idx [L, top_k])`` for every MoE layer."""
         m, w = self.m, self.w
         x = w["model.embed_tokens.weight"][tokens]
         cos, sin = self.rope(tokens.numel())
@@ -107,12 +116,18 @@ class ReferenceMoE:
             p = f"model.layers.{i}."
             x = x + self.attention(_rms_norm(x, w[p + "input_layernorm.weight"], m.rms_norm_eps), i, cos, sin)
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], m.rms_norm_eps)
-            x = x + (self.mlp(h, p + "mlp.") if i in m.dense_layers else self.moe(h, i)[0])
+            if i in m.dense_layers:
+                x = x + self.mlp(h, p + "mlp.")
+                continue
+            out, top_idx = self.moe(h, i, None if routes is None else torch.as_tensor(routes)[:, i])
+            if routes_out is not None:
+                routes_out.append((i, top_idx.detach()))
+            x = x + out
         x = _rms_norm(x, w["model.norm.weight"], m.rms_norm_eps)
         return x @ w["lm_head.weight"].T
 
-    def response_logprobs(self, sample: Sample, temperature: float = 1.0) -> torch.Tensor:
-        logits = self.forward(sample.tokens)
+    def response_logprobs(self, sample: Sample, temperature: float = 1.0, routes=None) -> torch.Tensor:
+        logits = self.forward(sample.tokens, routes=routes)
         logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
         positions = torch.arange(sample.prompt_len - 1, sample.tokens.numel() - 1)
         return logp[positions, sample.tokens[positions + 1]]

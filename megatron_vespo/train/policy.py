@@ -46,7 +46,13 @@ class Policy:
         if cfg.model.recompute:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if cfg.algorithm.routing_replay != "none":
+            from megatron_vespo.routing_replay import RoutingReplay
+
             overrides["moe_enable_routing_replay"] = True
+            RoutingReplay.clear_registry()  # Megatron keeps one global list of routers
+        # every micro-batch of a step is padded to one length (below), so pipeline stages need no
+        # shape exchange (with it the interleaved schedule hangs on gloo)
+        overrides["variable_seq_lengths"] = False
         self.config = transformer_config(self.m, layout, params_dtype=dtype, **overrides)
         chunks = build_gpt_chunks(self.m, self.config)
         source = SafetensorsSource(cfg.model.hf_dir)
@@ -73,10 +79,11 @@ class Policy:
         self.cp_rank = ps.get_context_parallel_rank()
         self.loss_cfg: LossConfig = cfg.algorithm.loss
         self.replay = None
+        self.routes = None  # per-sample routes replayed in training (R3: the engine's, R2: recorded)
         if cfg.algorithm.routing_replay != "none":
             from megatron_vespo.routing_replay import RoutingReplay
 
-            self.replay = RoutingReplay(self.chunks, self.m, layout)
+            self.replay = RoutingReplay(self.ddp, self.m)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -114,9 +121,10 @@ class Policy:
 
     # -- pi_old ---------------------------------------------------------------------------------
 
-    def logprobs(self, samples: list[Sample], record_routes: bool = False) -> list[torch.Tensor]:
+    def logprobs(self, samples: list[Sample], routes: str | None = None) -> list[torch.Tensor]:
         """Per-sample log-probs of the response tokens under the current weights (fp32, at the
-        rollout temperature), on every rank. ``record_routes`` (R2) keeps the routes used."""
+        rollout temperature), on every rank. ``routes``: "record" (R2: keep the routes the routers
+        choose, for replay in training) or "replay" (R3: route as ``self.routes``)."""
         from megatron_vespo.hook import HookGroups
         from megatron_vespo.logprobs import vocab_parallel_logprobs
 
@@ -129,9 +137,11 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            if self.replay is not None and record_routes:
-                self.replay.start_recording(mb)
+            if routes is not None:
+                self.replay.begin_microbatch(model, mb)
             output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+            if routes is not None:
+                self.replay.end_microbatch(model)
 
             def loss_func(logits):
                 rows = mb.loss_mask.reshape(-1).nonzero().squeeze(1)
@@ -153,10 +163,22 @@ class Policy:
 
         for chunk in self.ddp:
             chunk.eval()
-        with torch.no_grad():
-            self._run(forward_step, micro_batches, forward_only=True)
+        if routes is not None:
+            self.replay.start(routes, self.routes if routes == "replay" else None)
+        try:
+            with torch.no_grad():
+                self._run(forward_step, micro_batches, forward_only=True)
+            if routes is not None:
+                self.replay.finish(forward_only=True)
+        except BaseException:
+            if routes is not None:
+                self.replay.abort()
+            raise
         for chunk in self.ddp:
             chunk.train()
+        if routes == "record":
+            recorded = self.replay.recorded_routes([s.tokens.numel() for s in samples], across_dp=True)
+            self.routes = [recorded[i] for i in range(len(samples))]
         gathered = comm.gather_objects(pieces, dst=0)
         result = None
         if torch.distributed.get_rank() == 0:
@@ -177,13 +199,19 @@ class Policy:
         micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(ids)))
         forward_step = make_forward_step(self.loss_cfg)
         if self.replay is not None:
-            forward_step = self.replay.wrap_forward_step(forward_step)
+            forward_step = self.replay.wrap(forward_step)
+            self.replay.start("replay", self.routes)
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = self._run(forward_step, micro_batches, forward_only=False)
-        if self.replay is not None:
-            self.replay.check_consumed()
+        try:
+            out = self._run(forward_step, micro_batches, forward_only=False)
+            if self.replay is not None:  # every route set was used, in forward and in recompute
+                self.replay.finish(forward_only=False)
+        except BaseException:
+            if self.replay is not None:
+                self.replay.abort()
+            raise
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = reduce_metrics(out)

@@ -63,6 +63,22 @@ def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float
     return centred.reshape(-1)
 
 
+def routing_agreement(engine_routes, trainer_routes, dense_layers, prompt_lens) -> float:
+    """Fraction of (response token, MoE layer) pairs where the engine and the trainer chose the
+    same set of experts. Rows: token t's routes; the engine has none for the last token."""
+    same = total = 0
+    for engine, trainer, start in zip(engine_routes, trainer_routes, prompt_lens):
+        engine = np.sort(np.asarray(engine), axis=-1)
+        trainer = np.sort(np.asarray(trainer), axis=-1)[: engine.shape[0]]
+        layers = [layer for layer in range(engine.shape[1]) if layer not in dense_layers]
+        # response tokens: rows from the last prompt token on (it produced the first response token)
+        rows = slice(max(start - 1, 0), engine.shape[0])
+        match = (engine[rows][:, layers] == trainer[rows][:, layers]).all(axis=-1)
+        same += int(match.sum())
+        total += match.size
+    return same / max(total, 1)
+
+
 def version_number(version: str | None) -> int:
     """Weight versions are "v<number>"; the engine's initial "default" is version 0."""
     if version and version.startswith("v") and version[1:].isdigit():
@@ -258,7 +274,8 @@ class Trainer:
         r = self.cfg.rollout
         start = time.perf_counter()
         prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + r.prompts_per_batch)]
-        routed = self.cfg.algorithm.routing_replay == "r3"
+        # R3 replays the engine's routes; with R2 they are compared with the trainer's own
+        routed = self.cfg.algorithm.routing_replay != "none"
         samples = self.client.generate_sync([p.input_ids for p in prompts],
                                             [self._sampling_params(p.uid) for p in prompts],
                                             n=r.group_size, return_routed_experts=routed)
@@ -291,15 +308,21 @@ class Trainer:
                           prompt_len=len(s.prompt_ids), advantage=float(adv), old_logprobs=None,
                           engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
                    for s, adv in zip(batch.samples, advantages)]
-        if self.policy.replay is not None and a.routing_replay == "r3":
-            self.policy.replay.set_sample_routes([s.routed_experts for s in batch.samples])
-        if a.pi_old == "recompute":
-            old = self.policy.logprobs(samples, record_routes=a.routing_replay == "r2")
-            for sample, values in zip(samples, old):
-                sample.old_logprobs = values
+        if a.routing_replay == "r3":  # train (and compute pi_old) with the engine's routes
+            self.policy.routes = [s.routed_experts for s in batch.samples]
+        routes_mode = {"r2": "record", "r3": "replay"}.get(a.routing_replay)
+        if a.pi_old == "recompute" or a.routing_replay == "r2":  # R2 records in this forward
+            old = self.policy.logprobs(samples, routes=routes_mode)
+            if a.pi_old == "recompute":
+                for sample, values in zip(samples, old):
+                    sample.old_logprobs = values
         self.policy.validate(samples)
         # the hook reports the token mismatch (mismatch/abs_logp_diff, mismatch/kl_k3) per step
         extra = {"lag": [self.version - version_number(s.weight_version) for s in batch.samples]}
+        if a.routing_replay == "r2" and batch.samples[0].routed_experts is not None:
+            extra["mismatch/routing_agreement"] = routing_agreement(
+                [s.routed_experts for s in batch.samples], self.policy.routes, self.policy.m.dense_layers,
+                [len(s.prompt_ids) for s in batch.samples])
         return samples, extra
 
     def _mini_batches(self, n: int):
