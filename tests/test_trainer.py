@@ -157,3 +157,63 @@ def test_routing_replay_runs_in_the_loop(model_dir, tmp_path, mode):
         assert 0.9 <= agreement <= 1.0
     else:
         assert "mismatch/routing_agreement" not in rows[0]
+
+
+def test_async_rollouts_stay_within_the_policy_lag_bound(model_dir, tmp_path):
+    run_dir = tmp_path / "async"
+    proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=6", "run.plot=false", "algorithm.async_rollout=true",
+                                "algorithm.max_policy_lag=1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["policy_lag/max"] <= 1 for r in rows)
+    # generation overlapped training: later batches were generated one weight version behind
+    assert any(r["policy_lag/mean"] > 0 for r in rows[2:])
+
+
+def _serve(model_dir, port):
+    from megatron_vespo.rollout.client import wait_until_healthy
+
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_vespo", "serve-local", "--model", model_dir,
+                             "--port", str(port), "--dtype", "float32"], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until_healthy([f"http://127.0.0.1:{port}"], timeout_s=120, processes=[proc])
+    return proc
+
+
+def test_an_engine_dying_mid_run_leaves_a_checkpoint_to_resume_from(model_dir, tmp_path):
+    """SGLang-protocol servers over HTTP with the distributed weight-sync route (gloo here): the
+    server is killed after the step-2 checkpoint; the run fails with the rollout error, the
+    checkpoint is intact, and a resumed run against a new server finishes."""
+    from megatron_vespo.rollout.weight_sync import _free_port
+
+    port = _free_port()
+    run_dir = tmp_path / "remote"
+    args = _train_args(model_dir, run_dir, "run.steps=6", "run.save_every=2", "run.plot=false", "run.resume=true",
+                       "rollout.engine=sglang", f"rollout.server_urls=http://127.0.0.1:{port}",
+                       "rollout.weight_sync=distributed", "rollout.weight_sync_backend=gloo",
+                       "rollout.max_attempts=2", "rollout.timeout_s=30")
+    server = _serve(model_dir, port)
+    trainer = subprocess.Popen([sys.executable, "-m", "megatron_vespo", *args], env=_env(), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and trainer.poll() is None \
+                and not (run_dir / "checkpoints" / "step-2" / "complete").exists():
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        _, err = trainer.communicate(timeout=300)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    assert trainer.returncode != 0 and ("rollout" in err.lower() or "weight" in err.lower()), err[-2000:]
+    assert (run_dir / "checkpoints" / "step-2" / "complete").exists()
+    assert not (run_dir / "checkpoints" / "step-6").exists()
+    server = _serve(model_dir, port)
+    try:
+        proc = run_cli(*args, timeout=600)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and [r["step"] for r in _metrics(run_dir)] == list(range(1, 7))
