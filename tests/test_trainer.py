@@ -119,6 +119,7 @@ def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(reference, resumed):
         assert a["reward/mean"] == b["reward/mean"], (a["step"], a["reward/mean"], b["reward/mean"])
+        assert a["weight_version"] == b["weight_version"], a["step"]
         assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-6, abs=1e-9), a["step"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
 

@@ -230,12 +230,11 @@ class Policy:
         model_state = {}
         for i, chunk in enumerate(self.chunks):
             model_state[f"model{i}"] = chunk.sharded_state_dict()
-        # the optimizer's sharded state refers to the model's sharded tensors
-        merged = {}
-        for state in model_state.values():
-            merged.update(state)
-        # loading: Megatron first creates the Adam moments, so the checkpoint has tensors to fill
-        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(merged, is_loading=is_loading)}
+        # the optimizer's sharded state refers to the model's sharded tensors (any nesting: virtual
+        # pipeline chunks share local key names, so they stay apart); loading: Megatron first
+        # creates the Adam moments, so the checkpoint has tensors to fill
+        return {"model": model_state,
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
     def save(self, directory: str, trainer_state: dict) -> None:
         """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""

@@ -135,7 +135,7 @@ class Trainer:
             self._start_engine()
         self.sync = self._weight_sync()
         if self.version > 0:  # the engine starts from the HF weights: give it the checkpoint's
-            self._sync_weights()
+            self._sync_weights(new_version=False)
 
     def _tokenizer(self):
         if self.cfg.data.task == "synthetic":
@@ -354,8 +354,10 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log(row, step=self.step)
 
-    def _sync_weights(self) -> None:
-        self.version += 1
+    def _sync_weights(self, new_version: bool = True) -> None:
+        """Send the policy to the engine; a resumed run re-sends the checkpoint's version as is."""
+        if new_version:
+            self.version += 1
         report = self.sync.sync(self.policy.chunks, f"v{self.version}")
         if report is not None:
             log(f"weights v{self.version} -> engine ({report.route}): {report.bytes / 2**20:.1f} MiB "
