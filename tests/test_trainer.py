@@ -45,13 +45,13 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rollout.max_tokens'\]"):
         load_config(CONFIG, ["rollout.max_tokens=3"])
     with pytest.raises(ValueError, match="algorithm.staleness = 3 does not divide the rollout batch of 64"):
-        load_config(CONFIG, ["algorithm.staleness=3"]).validate()
+        load_config(CONFIG, ["algorithm.staleness=3", "rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate()
     with pytest.raises(ValueError, match="rollout.weight_sync = 'ncl'"):
         load_config(CONFIG, ["rollout.weight_sync=ncl"]).validate()
     with pytest.raises(ValueError, match="optimizer.lr must be a number"):
         load_config(CONFIG, ["optimizer.lr=fast"])
     with pytest.raises(ValueError, match="does not divide over 3 data-parallel ranks"):
-        load_config(CONFIG, []).validate(data_parallel_size=3)
+        load_config(CONFIG, ["rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate(data_parallel_size=3)
     proc = run_cli("train", "--config", CONFIG, "algorithm.loss.name=ppo")
     assert proc.returncode == 2 and "unknown loss 'ppo'" in proc.stderr
 
