@@ -165,6 +165,9 @@ class TrainConfig:
         if a.micro_batch_size and per_rank % a.micro_batch_size:
             raise ValueError(f"algorithm.micro_batch_size = {a.micro_batch_size} does not divide the "
                              f"{per_rank} samples each data-parallel rank gets per mini-batch")
+        if self.run.save_every and self.run.save_every % a.staleness:
+            raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
+                             f"{a.staleness}: checkpoints are taken between rollout batches")
         if r.engine == "sglang" and not (r.router_url or r.server_urls):
             raise ValueError("rollout.engine = sglang needs rollout.router_url or rollout.server_urls")
         if r.engine == "sglang" and not r.server_urls and r.weight_sync != "disk":
