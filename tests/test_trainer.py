@@ -48,6 +48,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["algorithm.staleness=3", "rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate()
     with pytest.raises(ValueError, match="run.save_every = 3 must be a multiple of algorithm.staleness = 2"):
         load_config(CONFIG, ["run.save_every=3"]).validate()
+    with pytest.raises(ValueError, match="algorithm.kl_coef = 0.1: a KL penalty to a reference policy is not"):
+        load_config(CONFIG, ["algorithm.kl_coef=0.1"]).validate()
     with pytest.raises(ValueError, match="rollout.weight_sync = 'ncl'"):
         load_config(CONFIG, ["rollout.weight_sync=ncl"]).validate()
     with pytest.raises(ValueError, match="optimizer.lr must be a number"):

@@ -85,7 +85,7 @@ class AlgorithmSection:
     routing_replay: str = "none"  # none | r2 (record in the pi_old forward) | r3 (engine's routes)
     async_rollout: bool = False
     max_policy_lag: int = 1  # S: async mode, samples at most S weight versions old
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # a KL penalty to a reference policy is not implemented: must stay 0
 
 
 @dataclass
@@ -107,7 +107,7 @@ class RunSection:
     seed: int = 1234
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
-    log_every: int = 1
+    log_every: int = 1  # TensorBoard / W&B every this many steps (metrics.jsonl gets every step)
     tensorboard: bool = True
     wandb_project: str = ""
     plot: bool = True
@@ -165,6 +165,11 @@ class TrainConfig:
         if a.micro_batch_size and per_rank % a.micro_batch_size:
             raise ValueError(f"algorithm.micro_batch_size = {a.micro_batch_size} does not divide the "
                              f"{per_rank} samples each data-parallel rank gets per mini-batch")
+        if a.kl_coef != 0.0:
+            raise ValueError(f"algorithm.kl_coef = {a.kl_coef}: a KL penalty to a reference policy is not "
+                             "implemented (the VESPO and DAPO recipes use none); set it to 0")
+        if self.run.log_every < 1:
+            raise ValueError(f"run.log_every must be >= 1, got {self.run.log_every}")
         if self.run.save_every and self.run.save_every % a.staleness:
             raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
                              f"{a.staleness}: checkpoints are taken between rollout batches")

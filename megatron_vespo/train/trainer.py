@@ -347,6 +347,8 @@ class Trainer:
         self.history.append(row)
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
+        if self.step % self.cfg.run.log_every:
+            return
         if self.tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
