@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_vespo import comm, losses
+from megatron_vespo import comm, kernel, losses
 from megatron_vespo.batch import MicroBatch
 from megatron_vespo.logprobs import vocab_parallel_logprobs
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
-PHI_ZERO = 1e-6  # phi below this counts as "effectively zero" in metrics
 CP_TAG = "hook_sequence_stats_cp_all_reduce"
 
 
@@ -149,7 +148,7 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
     if tokens.engine_logp is not None:
         diff = tokens.old_logp - tokens.engine_logp
         metrics["mismatch/abs_logp_diff"] = _pair(diff.abs().sum(), n_tok)
-        metrics["mismatch/kl_k3"] = _pair(losses.per_token_kl_k3(tokens.engine_logp, tokens.old_logp).sum(), n_tok)
+        metrics["mismatch/kl_k3"] = _pair(losses.per_token_kl_k3(tokens.old_logp, tokens.engine_logp).sum(), n_tok)
     for name, values in {**out.token_metrics, **corr_metrics}.items():
         metrics[name] = _pair(values.sum(), n_tok)
     # Sequence metrics are identical on every CP rank: count them on one.
@@ -162,7 +161,7 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
         positive = stats.advantages >= 0
         metrics["phi/adv_pos"] = _pair(phi[positive].sum() * scale, positive.sum() * scale)
         metrics["phi/adv_neg"] = _pair(phi[~positive].sum() * scale, (~positive).sum() * scale)
-        metrics["phi/zero_frac"] = _pair((phi < PHI_ZERO).sum() * scale, n_seq * scale)
+        metrics["phi/zero_frac"] = _pair((phi < kernel.PHI_ZERO).sum() * scale, n_seq * scale)
     metrics["sequences"] = _pair(stats.advantages.new_tensor(n_seq * scale), n_seq * scale)
     return metrics
 

@@ -14,6 +14,7 @@ import torch
 LOG_RATIO_CLAMP = 20.0
 MIN_LOG_W = math.log(1e-8)
 MAX_LOG_W = 20.0
+PHI_ZERO = 1e-6  # phi below this counts as "effectively zero": the sequence adds no gradient
 
 DEFAULT_K_POS, DEFAULT_LAMBDA_POS = 2.0, 3.0
 DEFAULT_K_NEG, DEFAULT_LAMBDA_NEG = 3.0, 2.0

@@ -260,7 +260,8 @@ def correction_weights(tokens: TokenBatch, cfg: LossConfig) -> tuple[torch.Tenso
 
 
 def per_token_kl_k3(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(q || p) from samples of q: exp(p - q) - (p - q) - 1 >= 0."""
+    """k3 estimate of KL(q || p) from samples of q: exp(p - q) - (p - q) - 1 >= 0. The engine's
+    samples make the mismatch KL(mu || pi_old) = per_token_kl_k3(log pi_old, log mu)."""
     d = (log_p - log_q).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return d.exp() - d - 1.0
 
