@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
 
@@ -59,6 +61,21 @@ def main(argv=None) -> int:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=demo.main)
 
+    from megatron_vespo.train import mismatch_study
+
+    study = sub.add_parser(
+        "mismatch",
+        help="measure the training-inference mismatch: engine rollouts scored by Megatron-Core, with and "
+             "without R3 routing replay",
+        description="Generate rollouts with the engine (routed experts on), score the same tokens with the "
+                    "Megatron-Core model in any layout, and report per-token |delta logp|, k1/k2/k3 KL, "
+                    "sequence log W against length (with VESPO's phi effectively zero), and routing agreement "
+                    "per MoE layer; with --r3 all of it again under routing replay. Writes report.json and "
+                    "PNG plots to --out.",
+    )
+    mismatch_study.add_arguments(study)
+    study.set_defaults(func=mismatch_study.main)
+
     sglang = sub.add_parser("sglang", help="manage SGLang servers and the sglang-router")
     sglang_sub = sglang.add_subparsers(dest="sglang_command", required=True)
     launch_parser = sglang_sub.add_parser(
@@ -68,6 +85,8 @@ def main(argv=None) -> int:
     launch.add_arguments(launch_parser)
     launch_parser.set_defaults(func=launch.main)
 
+    if argv is None and not sys.argv[1:] and convert_cli.ARGV_ENV in os.environ:
+        argv = json.loads(os.environ.pop(convert_cli.ARGV_ENV))  # a rank started by run_distributed
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # commands that start torchrun re-run themselves with the same arguments

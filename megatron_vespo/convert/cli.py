@@ -19,6 +19,7 @@ import torch
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 META = "megatron_vespo.json"
+ARGV_ENV = "MEGATRON_VESPO_ARGV"  # the command line of ranks started by run_distributed
 
 
 def log(message: str) -> None:
@@ -29,7 +30,8 @@ def log(message: str) -> None:
 def layout_from_args(args):
     from megatron_vespo.mcore.parallel import Layout
 
-    return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp).validate()
+    return Layout(tp=args.tp, pp=args.pp, vpp=getattr(args, "vpp", 1), cp=getattr(args, "cp", 1), ep=args.ep,
+                  etp=args.etp).validate()
 
 
 def run_distributed(args, argv: list[str], body, precheck=None) -> int:
@@ -40,8 +42,11 @@ def run_distributed(args, argv: list[str], body, precheck=None) -> int:
         precheck(args, layout)
     if "WORLD_SIZE" not in os.environ and layout.world_size > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={layout.world_size}", "-m", "megatron_vespo", *argv]
-        env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+               f"--nproc_per_node={layout.world_size}", "-m", "megatron_vespo"]
+        # the arguments travel in the environment: torchrun's own parser would take an option of
+        # ours that abbreviates one of its own (--n: --nnodes, --node-rank, ...) as ambiguous
+        env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+                   **{ARGV_ENV: json.dumps(argv)})
         if not torch.cuda.is_available():
             env.setdefault("OMP_NUM_THREADS", "1")
         log(f"starting {layout.world_size} processes ({layout})")

@@ -25,7 +25,9 @@ CHECKPOINT_PREFIX = "step-"
 
 
 class Policy:
-    def __init__(self, cfg, layout: Layout):
+    def __init__(self, cfg, layout: Layout, trainable: bool = True):
+        """``trainable=False``: the model alone (no DDP grad buffers, optimizer or scheduler), for
+        scoring studies that only run forwards."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -59,21 +61,24 @@ class Policy:
         for chunk in chunks:
             load_hf_state(chunk, source, ShardContext.from_model(chunk, self.m))
         self.chunks = chunks
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False)
-        self.ddp = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
-        self.config.no_sync_func = [d.no_sync for d in self.ddp] if len(self.ddp) > 1 else self.ddp[0].no_sync
-        self.config.finalize_model_grads_func = finalize_model_grads
-        o = cfg.optimizer
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
-            params_dtype=dtype, use_distributed_optimizer=False), self.ddp)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.run.steps, o.warmup_steps + 1),
-            lr_decay_style="constant" if o.min_lr in (0.0, o.lr) else "cosine", start_wd=o.weight_decay,
-            end_wd=o.weight_decay, wd_incr_steps=max(cfg.run.steps, 1), wd_incr_style="constant")
+        self.trainable = trainable
+        self.models = chunks
+        if trainable:
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                       use_distributed_optimizer=False)
+            self.models = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
+            self.config.no_sync_func = [d.no_sync for d in self.models] if len(self.models) > 1 else self.models[0].no_sync
+            self.config.finalize_model_grads_func = finalize_model_grads
+            o = cfg.optimizer
+            self.optimizer = get_megatron_optimizer(OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
+                params_dtype=dtype, use_distributed_optimizer=False), self.models)
+            self.scheduler = OptimizerParamScheduler(
+                self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+                lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.run.steps, o.warmup_steps + 1),
+                lr_decay_style="constant" if o.min_lr in (0.0, o.lr) else "cosine", start_wd=o.weight_decay,
+                end_wd=o.weight_decay, wd_incr_steps=max(cfg.run.steps, 1), wd_incr_style="constant")
         self.ps = ps
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.cp_rank = ps.get_context_parallel_rank()
@@ -83,7 +88,7 @@ class Policy:
         if cfg.algorithm.routing_replay != "none":
             from megatron_vespo.routing_replay import RoutingReplay
 
-            self.replay = RoutingReplay(self.ddp, self.m)
+            self.replay = RoutingReplay(self.models, self.m)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -113,9 +118,9 @@ class Policy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         # virtual pipeline: one iterator per model chunk, over the same micro-batches
-        iterator = iter(micro_batches) if len(self.ddp) == 1 else [iter(micro_batches) for _ in self.ddp]
+        iterator = iter(micro_batches) if len(self.models) == 1 else [iter(micro_batches) for _ in self.models]
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterator, model=self.ddp,
+            forward_step_func=forward_step, data_iterator=iterator, model=self.models,
             num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1] * self.layout.cp,
             micro_batch_size=1, forward_only=forward_only)
 
@@ -161,7 +166,7 @@ class Policy:
 
             return output, loss_func
 
-        for chunk in self.ddp:
+        for chunk in self.models:
             chunk.eval()
         if routes is not None:
             self.replay.start(routes, self.routes if routes == "replay" else None)
@@ -174,7 +179,7 @@ class Policy:
             if routes is not None:
                 self.replay.abort()
             raise
-        for chunk in self.ddp:
+        for chunk in self.models:
             chunk.train()
         if routes == "record":
             recorded = self.replay.recorded_routes([s.tokens.numel() for s in samples], across_dp=True)
@@ -196,12 +201,14 @@ class Policy:
 
     def train_step(self, samples: list[Sample], ids: list[int]) -> dict[str, float]:
         """One optimizer step on the mini-batch ``ids``; returns the reduced metrics (every rank)."""
+        if not self.trainable:
+            raise RuntimeError("this Policy was built with trainable=False (no optimizer)")
         micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(ids)))
         forward_step = make_forward_step(self.loss_cfg)
         if self.replay is not None:
             forward_step = self.replay.wrap(forward_step)
             self.replay.start("replay", self.routes)
-        for chunk in self.ddp:
+        for chunk in self.models:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         try:

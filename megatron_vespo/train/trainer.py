@@ -36,6 +36,7 @@ import torch
 
 from megatron_vespo import comm
 from megatron_vespo.batch import Sample
+from megatron_vespo.mismatch import routing_agreement
 from megatron_vespo.train.config import TrainConfig, load_config
 
 STOP = object()
@@ -61,22 +62,6 @@ def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float
     if kind == "grpo":
         centred = centred / (groups.std(axis=1, keepdims=True) + eps)
     return centred.reshape(-1)
-
-
-def routing_agreement(engine_routes, trainer_routes, dense_layers, prompt_lens) -> float:
-    """Fraction of (response token, MoE layer) pairs where the engine and the trainer chose the
-    same set of experts. Rows: token t's routes; the engine has none for the last token."""
-    same = total = 0
-    for engine, trainer, start in zip(engine_routes, trainer_routes, prompt_lens):
-        engine = np.sort(np.asarray(engine), axis=-1)
-        trainer = np.sort(np.asarray(trainer), axis=-1)[: engine.shape[0]]
-        layers = [layer for layer in range(engine.shape[1]) if layer not in dense_layers]
-        # response tokens: rows from the last prompt token on (it produced the first response token)
-        rows = slice(max(start - 1, 0), engine.shape[0])
-        match = (engine[rows][:, layers] == trainer[rows][:, layers]).all(axis=-1)
-        same += int(match.sum())
-        total += match.size
-    return same / max(total, 1)
 
 
 def version_number(version: str | None) -> int:
