@@ -29,6 +29,7 @@ from megatron_vespo.logprobs import vocab_parallel_logprobs
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
 CP_TAG = "hook_sequence_stats_cp_all_reduce"
+TOTALS = ("response_tokens", "sequences")  # reduced to their sum over the step, not a mean
 
 
 @dataclass
@@ -188,7 +189,8 @@ def _loss_func(mb, cfg, groups, chunk_tokens, output_tensor):
 
 def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
     """Sum metric pairs over micro-batches and DP x CP, then send them from the last pipeline
-    stage to every stage (so the logging rank, global rank 0, has them). Returns sum/count."""
+    stage to every stage (so the logging rank, global rank 0, has them). Returns sum/count, or
+    the sum for the TOTALS (tokens and sequences in the step)."""
     from megatron.core import parallel_state as ps
 
     last_stage = ps.is_pipeline_last_stage()
@@ -209,4 +211,5 @@ def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
         comm.all_reduce_sum(table, ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         comm.broadcast_(table, ps.get_pipeline_model_parallel_last_rank(), pp_group)
-    return {n: (s / c if c > 0 else float("nan")) for n, (s, c) in zip(names, table.cpu().tolist())}
+    return {n: (s if n in TOTALS else s / c if c > 0 else float("nan"))
+            for n, (s, c) in zip(names, table.cpu().tolist())}

@@ -21,7 +21,9 @@ def assert_all_ok(proc, report, expected_rows):
     assert len(rows) == expected_rows
     for row in rows:
         assert row["loss_rel_diff"] <= 1e-5 and row["grad_rel_diff"] <= 1e-5, row
-        assert row["metrics"]["sequences"] == 1.0  # every sequence counted exactly once
+        # every sequence and token counted exactly once over DP x CP x micro-batches
+        assert row["metrics"]["sequences"] == row["batch_sequences"]
+        assert row["metrics"]["response_tokens"] == row["batch_response_tokens"]
     assert "parity ok" in proc.stdout
 
 

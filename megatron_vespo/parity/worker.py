@@ -190,7 +190,8 @@ def run(args) -> dict | None:
                     megatron_loss=metrics["policy_loss"],
                     loss_rel_diff=abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12),
                     grad_rel_diff=worst_all[0], worst_param=f"rank{worst_all[2]}:{worst_all[1]}",
-                    step_seconds=step_s, metrics=metrics,
+                    step_seconds=step_s, metrics=metrics, batch_sequences=len(samples),
+                    batch_response_tokens=sum(s.response_len for s in samples),
                     hook_collectives_per_microbatch={
                         "tp_logprobs_all_gather": max(c[TP_TAG] for c in calls),
                         "cp_sequence_stats_all_reduce": max(c[CP_TAG] for c in calls),
