@@ -56,6 +56,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["optimizer.lr=fast"])
     with pytest.raises(ValueError, match="does not divide over 3 data-parallel ranks"):
         load_config(CONFIG, ["rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate(data_parallel_size=3)
+    with pytest.raises(ValueError, match="rollout.engine = sglang needs rollout.server_urls"):
+        load_config(CONFIG, ["rollout.engine=sglang", "rollout.router_url=http://r:1", "rollout.weight_sync=disk",
+                             "rollout.weight_sync_dir=/tmp/w"]).validate()
     proc = run_cli("train", "--config", CONFIG, "algorithm.loss.name=ppo")
     assert proc.returncode == 2 and "unknown loss 'ppo'" in proc.stderr
 

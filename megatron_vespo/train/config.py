@@ -173,11 +173,10 @@ class TrainConfig:
         if self.run.save_every and self.run.save_every % a.staleness:
             raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
                              f"{a.staleness}: checkpoints are taken between rollout batches")
-        if r.engine == "sglang" and not (r.router_url or r.server_urls):
-            raise ValueError("rollout.engine = sglang needs rollout.router_url or rollout.server_urls")
-        if r.engine == "sglang" and not r.server_urls and r.weight_sync != "disk":
-            raise ValueError("weight sync calls every server directly: set rollout.server_urls "
-                             "(the router does not route weight updates)")
+        if r.engine == "sglang" and not r.server_urls:
+            # every weight sync route (disk too) pauses, updates and resumes each server itself
+            raise ValueError("rollout.engine = sglang needs rollout.server_urls: weight updates, pause and "
+                             "continue go to every server directly (the router routes /generate only)")
         if r.weight_sync == "inprocess" and r.engine != "local":
             raise ValueError("rollout.weight_sync = inprocess works only with the local engine")
         if r.weight_sync == "disk" and not r.weight_sync_dir:
