@@ -36,36 +36,36 @@ AGGREGATIONS = (
 class LossConfig:
     """Settings of every policy loss; one object so matched comparisons share everything else."""
 
-    name: str = "vespo"
+    name: str = "vespo"  # vespo | grpo | gspo | sapo | cispo | gmpo
     # VESPO kernel (k, lambda) by advantage sign.
-    k_pos: float = kernel.DEFAULT_K_POS
-    lambda_pos: float = kernel.DEFAULT_LAMBDA_POS
-    k_neg: float = kernel.DEFAULT_K_NEG
-    lambda_neg: float = kernel.DEFAULT_LAMBDA_NEG
+    k_pos: float = kernel.DEFAULT_K_POS  # kernel power k for A >= 0
+    lambda_pos: float = kernel.DEFAULT_LAMBDA_POS  # kernel rate lambda for A >= 0
+    k_neg: float = kernel.DEFAULT_K_NEG  # kernel power k for A < 0
+    lambda_neg: float = kernel.DEFAULT_LAMBDA_NEG  # kernel rate lambda for A < 0
     # GRPO / PPO-clip (token level), with dual clip for negative advantages.
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28
-    dual_clip_c: float | None = 3.0
+    clip_eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    clip_eps_high: float = 0.28  # ratio clipped above at 1 + eps_high
+    dual_clip_c: float | None = 3.0  # A < 0: the loss is capped at c * |A| (None: no dual clip)
     # GSPO: clip on the geometric-mean sequence ratio.
-    gspo_eps_low: float = 3e-4
-    gspo_eps_high: float = 4e-4
+    gspo_eps_low: float = 3e-4  # sequence ratio clipped below at 1 - eps_low
+    gspo_eps_high: float = 4e-4  # sequence ratio clipped above at 1 + eps_high
     # SAPO: soft sigmoid gate temperatures.
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
+    sapo_tau_pos: float = 1.0  # gate temperature for A > 0
+    sapo_tau_neg: float = 1.05  # gate temperature for A <= 0
     # CISPO: clipped, stop-gradient token weight; a low bound of 1 means no lower clip.
-    cispo_eps_low: float = 1.0
-    cispo_eps_high: float = 0.28
+    cispo_eps_low: float = 1.0  # weight clipped below at 1 - eps_low
+    cispo_eps_high: float = 0.28  # weight clipped above at 1 + eps_high
     # GMPO: clip of the token log-ratio, in log space.
-    gmpo_log_clip: float = 0.4
+    gmpo_log_clip: float = 0.4  # token log-ratio clipped to +-this, by advantage sign
     # Rollout-engine (training-inference mismatch) correction.
-    correction: str = "none"
-    tis_cap: float = 2.0
-    mis_low: float = 0.5
-    mis_high: float = 2.0
+    correction: str = "none"  # none | tis | mis | fold (VESPO only)
+    tis_cap: float = 2.0  # tis: per-token weight min(pi_old/mu, cap)
+    mis_low: float = 0.5  # mis: tokens with pi_old/mu below this are masked
+    mis_high: float = 2.0  # mis: tokens with pi_old/mu above this are masked
     # pi_old := engine log-probs (no recompute forward); the mismatch term is then zero.
     bypass: bool = False
-    aggregation: str = "token_mean"
-    temperature: float = 1.0
+    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | legacy_microbatch_token_mean
+    temperature: float = 1.0  # log-probs are log_softmax(logits / temperature), as the engine samples
 
     def validate(self) -> "LossConfig":
         if self.name not in LOSSES:

@@ -21,12 +21,12 @@ from megatron_vespo.losses import LossConfig
 @dataclass
 class ModelSection:
     hf_dir: str = ""  # Hugging Face checkpoint the policy starts from (also the engine's model)
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: int = 1
+    tp: int = 1  # tensor parallel size (sequence parallel on when > 1)
+    pp: int = 1  # pipeline parallel size
+    vpp: int = 1  # virtual pipeline chunks per pipeline rank (interleaved schedule)
+    cp: int = 1  # context parallel size
+    ep: int = 1  # expert parallel size
+    etp: int = 1  # expert tensor parallel size
     params_dtype: str = "float32"  # float32 | bfloat16
     recompute: bool = False  # full activation recompute (routing replay replays during it too)
 
@@ -35,15 +35,15 @@ class ModelSection:
 class DataSection:
     task: str = "synthetic"  # synthetic | file
     synthetic_task: str = "reverse"  # see megatron_vespo.train.tasks.SYNTHETIC_TASKS
-    synthetic_min_digits: int = 2
-    synthetic_max_digits: int = 6
+    synthetic_min_digits: int = 2  # synthetic prompts: fewest digits
+    synthetic_max_digits: int = 6  # synthetic prompts: most digits
     prompts_file: str = ""  # .jsonl or .parquet for task=file
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str = "prompt"  # column holding the prompt (string or chat messages; dotted for struct columns)
+    answer_key: str = "answer"  # column holding the reference answer (string)
     reward: str = "synthetic"  # synthetic | math
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = 512  # longer prompts are skipped (counted and warned about)
     apply_chat_template: bool = False  # plain-string prompts through the tokenizer's chat template
-    seed: int = 1
+    seed: int = 1  # seeds the prompt stream's epoch shuffles
 
 
 @dataclass
@@ -51,22 +51,22 @@ class RolloutSection:
     engine: str = "local"  # local (started by the trainer) | sglang (URLs below)
     router_url: str = ""  # sglang: /generate goes here (or to the servers when empty)
     server_urls: list = field(default_factory=list)  # sglang: control calls go to each server
-    api_key: str = ""
+    api_key: str = ""  # sent as 'Authorization: Bearer' to servers and router (SGLang --api-key)
     local_dtype: str = "bfloat16"  # the local engine's dtype (bf16 vs an fp32 trainer: real mismatch)
-    local_port: int = 0
+    local_port: int = 0  # the local engine's HTTP port (0: a free port)
     local_max_batch: int = 64  # 1: requests one at a time, so fp32 rollouts are bitwise reproducible
     prompts_per_batch: int = 8  # prompts per rollout batch
     group_size: int = 8  # samples per prompt (GRPO group)
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_concurrency: int = 64
-    timeout_s: float = 600.0
-    max_attempts: int = 3
+    max_new_tokens: int = 32  # response length limit per sample
+    temperature: float = 1.0  # sampling temperature (the trainer's log-probs use the same)
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    top_k: int = -1  # top-k sampling (-1: off)
+    max_concurrency: int = 64  # /generate requests in flight at once
+    timeout_s: float = 600.0  # per request (and health waits); a timed-out request is retried
+    max_attempts: int = 3  # tries per request before the rollout fails (on the next URL each time)
     weight_sync: str = "distributed"  # distributed | disk | inprocess (local engine only) | tensor
     weight_sync_backend: str = "nccl"  # nccl on clusters; gloo for the local engine
-    weight_sync_bucket_mb: int = 512
+    weight_sync_bucket_mb: int = 512  # size of one weight-sync bucket of HF-named tensors
     weight_sync_dir: str = ""  # disk route: where checkpoints for the engine go
     # distributed route: the address the servers use to reach trainer rank 0 ("" = the local
     # address of the interface that routes to the first server)
@@ -80,37 +80,37 @@ class AlgorithmSection:
     staleness: int = 1  # N: optimizer steps per rollout batch (rollout batch / mini-batch)
     micro_batch_size: int = 0  # sequences per micro-batch (0: the whole mini-batch per data rank)
     advantage: str = "grpo"  # grpo: (r - mean) / std in the group | grpo_mean: r - mean
-    advantage_eps: float = 1e-6
+    advantage_eps: float = 1e-6  # added to the group std in grpo advantages
     pi_old: str = "recompute"  # recompute (Megatron forward before the N steps) | bypass (engine's)
     routing_replay: str = "none"  # none | r2 (record in the pi_old forward) | r3 (engine's routes)
-    async_rollout: bool = False
+    async_rollout: bool = False  # generate the next rollout batches while training (bounded by max_policy_lag)
     max_policy_lag: int = 1  # S: async mode, samples at most S weight versions old
     kl_coef: float = 0.0  # a KL penalty to a reference policy is not implemented: must stay 0
 
 
 @dataclass
 class OptimizerSection:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = 1e-5  # Adam learning rate (peak, after warmup)
+    min_lr: float = 0.0  # cosine decay floor (0 or lr: constant)
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
+    weight_decay: float = 0.0  # decoupled weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip
 
 
 @dataclass
 class RunSection:
-    run_dir: str = "runs/run"
+    run_dir: str = "runs/run"  # metrics, plots, TensorBoard logs and checkpoints go here
     steps: int = 20  # optimizer steps in total
-    seed: int = 1234
+    seed: int = 1234  # model-parallel RNG, sampling seeds and mini-batch shuffles
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     log_every: int = 1  # TensorBoard / W&B every this many steps (metrics.jsonl gets every step)
-    tensorboard: bool = True
-    wandb_project: str = ""
-    plot: bool = True
+    tensorboard: bool = True  # write TensorBoard logs to run_dir/tensorboard
+    wandb_project: str = ""  # log to Weights & Biases when set (needs wandb installed)
+    plot: bool = True  # write run_dir/training.png at the end
 
 
 @dataclass
