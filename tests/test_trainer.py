@@ -56,6 +56,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["optimizer.lr=fast"])
     with pytest.raises(ValueError, match="does not divide over 3 data-parallel ranks"):
         load_config(CONFIG, ["rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate(data_parallel_size=3)
+    with pytest.raises(ValueError, match="algorithm.routing_agreement compares .* needs algorithm.routing_replay = r2"):
+        load_config(CONFIG, ["algorithm.routing_agreement=true"]).validate()
     with pytest.raises(ValueError, match="rollout.engine = sglang needs rollout.server_urls"):
         load_config(CONFIG, ["rollout.engine=sglang", "rollout.router_url=http://r:1", "rollout.weight_sync=disk",
                              "rollout.weight_sync_dir=/tmp/w"]).validate()
@@ -154,8 +156,9 @@ def test_routing_replay_runs_in_the_loop(model_dir, tmp_path, mode):
     module asserts inside every step that each route was consumed (tests/test_routing_replay.py
     checks the replay itself against the reference)."""
     run_dir = tmp_path / mode
+    agreement = ["algorithm.routing_agreement=true"] if mode == "r2" else []
     proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=2", "run.plot=false",
-                                f"algorithm.routing_replay={mode}"), timeout=600)
+                                f"algorithm.routing_replay={mode}", *agreement), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["policy_loss"]) for r in rows)

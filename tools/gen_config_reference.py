@@ -79,9 +79,9 @@ again once the data-parallel size is known); each violation is a `ValueError` na
 * **Choices.** Every key with a fixed set of values (listed as "one of" in the tables) must take
   one of them.
 * **Required.** `model.hf_dir` must be set. With `data.task: file`, `data.prompts_file` must be
-  set. With `rollout.engine: sglang`, `rollout.router_url` or `rollout.server_urls` must be set,
-  and `rollout.server_urls` is required unless `rollout.weight_sync` is `disk`: weight updates
-  (and pause, flush, continue) go to every server directly, the router does not route them.
+  set. With `rollout.engine: sglang`, `rollout.server_urls` must be set (whatever the weight
+  sync route): weight updates (and pause, flush, continue) go to every server directly, the router
+  (`rollout.router_url`, optional) routes /generate only.
   `rollout.weight_sync: disk` needs `rollout.weight_sync_dir`; `rollout.weight_sync: inprocess`
   works only with `rollout.engine: local`.
 * **Sizes.** `model.tp`, `model.pp`, `model.vpp`, `model.cp`, `model.ep`, `model.etp`,
@@ -94,6 +94,8 @@ again once the data-parallel size is known); each violation is a `ValueError` na
 * **Checkpoints.** `run.save_every`, when not 0, must be a multiple of `algorithm.staleness`:
   checkpoints are taken between rollout batches.
 * **Not implemented.** `algorithm.kl_coef` must be 0 (there is no KL penalty to a reference policy).
+* **Routing agreement.** `algorithm.routing_agreement: true` needs `algorithm.routing_replay: r2`
+  (it compares the engine's routes with those R2 records).
 * **Async.** With `algorithm.async_rollout: true`, `algorithm.max_policy_lag` must be >= 1.
 * **Bypass.** `algorithm.pi_old: bypass` takes the engine's log-probs as pi_old, so the mismatch
   is zero by construction: `algorithm.loss.correction` must be `none`.

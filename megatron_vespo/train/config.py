@@ -83,6 +83,9 @@ class AlgorithmSection:
     advantage_eps: float = 1e-6  # added to the group std in grpo advantages
     pi_old: str = "recompute"  # recompute (Megatron forward before the N steps) | bypass (engine's)
     routing_replay: str = "none"  # none | r2 (record in the pi_old forward) | r3 (engine's routes)
+    # r2: also ask the engine for its routes and log mismatch/routing_agreement (heavy on a large
+    # MoE: [tokens, layers, top_k] per sample; the servers need --enable-return-routed-experts)
+    routing_agreement: bool = False
     async_rollout: bool = False  # generate the next rollout batches while training (bounded by max_policy_lag)
     max_policy_lag: int = 1  # S: async mode, samples at most S weight versions old
     kl_coef: float = 0.0  # a KL penalty to a reference policy is not implemented: must stay 0
@@ -173,6 +176,9 @@ class TrainConfig:
         if self.run.save_every and self.run.save_every % a.staleness:
             raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
                              f"{a.staleness}: checkpoints are taken between rollout batches")
+        if a.routing_agreement and a.routing_replay != "r2":
+            raise ValueError(f"algorithm.routing_agreement compares the engine's routes with those R2 records; "
+                             f"it needs algorithm.routing_replay = r2 (got {a.routing_replay!r})")
         if r.engine == "sglang" and not r.server_urls:
             # every weight sync route (disk too) pauses, updates and resumes each server itself
             raise ValueError("rollout.engine = sglang needs rollout.server_urls: weight updates, pause and "

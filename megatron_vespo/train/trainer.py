@@ -259,8 +259,9 @@ class Trainer:
         r = self.cfg.rollout
         start = time.perf_counter()
         prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + r.prompts_per_batch)]
-        # R3 replays the engine's routes; with R2 they are compared with the trainer's own
-        routed = self.cfg.algorithm.routing_replay != "none"
+        # R3 replays the engine's routes; R2 compares them with its own when asked to
+        a = self.cfg.algorithm
+        routed = a.routing_replay == "r3" or a.routing_agreement
         samples = self.client.generate_sync([p.input_ids for p in prompts],
                                             [self._sampling_params(p.uid) for p in prompts],
                                             n=r.group_size, return_routed_experts=routed)
