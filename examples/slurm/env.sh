@@ -44,7 +44,9 @@
 # ROUTING_REPLAY           none | r2 | r3 -> algorithm.routing_replay; r3 also starts the servers
 #                          with --enable-return-routed-experts and sends those requests to the
 #                          servers directly (sglang-router 0.3.2 drops return_routed_experts)
-# SGLANG_PYTHON            interpreter with SGLang installed (default: the launcher's own)
+# SGLANG_PYTHON            interpreter with SGLang installed (default: the launcher's own; with a
+#                          container, /opt/sglang/bin/sglang-python: docker/Dockerfile keeps SGLang
+#                          in an environment of its own)
 # SERVER_WAIT_S            how long to wait for every server and the router to be healthy
 # POLL_S                   seconds between the scripts' checks of servers.json and of their steps
 # STOP_GRACE_S             seconds between SIGTERM and SIGKILL when the script stops a step
@@ -84,8 +86,14 @@
 # HOST_PYTHON     python3 on the batch host, stdlib only (reads servers.json, makes the API key)
 # MEGATRON_VESPO  the megatron-vespo command (inside the job's environment)
 # TORCHRUN        the torchrun command (inside the job's environment)
-# CONTAINER_IMAGE optional: run every step in this image with pyxis/enroot (srun --container-image);
-#                 CONTAINER_MOUNTS (srun --container-mounts) must then cover REPO_DIR, MODEL, DATA
+# CONTAINER_IMAGE optional: run every step in this image with pyxis/enroot (srun --container-image),
+#                 e.g. an .sqsh from `enroot import` of docker/Dockerfile's image
+# APPTAINER_SIF   optional, instead: run every step with `$APPTAINER exec --nv` in this .sif
+# APPTAINER       the Apptainer command (apptainer; `singularity` on older sites)
+# APPTAINER_EXTRA_ARGS extra `apptainer exec` options, space separated (e.g. "--writable-tmpfs";
+#                 not --cleanenv: the steps need the SLURM_* and exported variables)
+# CONTAINER_MOUNTS what the container sees of the host: srun --container-mounts (pyxis) or
+#                 apptainer --bind, same src:dst[,src:dst] syntax; must cover REPO_DIR, MODEL, DATA
 #                 and RUN_ROOT; the default mounts REPO_DIR only
 # SRUN_EXTRA_ARGS extra srun options for every step, space separated (e.g. "--mpi=none")
 # DRY_RUN=1       print the commands instead of running them (no SLURM needed; servers.json faked)
@@ -95,6 +103,9 @@
 : "${MEGATRON_VESPO:=megatron-vespo}"
 : "${TORCHRUN:=torchrun}"
 : "${CONTAINER_IMAGE:=}"
+: "${APPTAINER_SIF:=}"
+: "${APPTAINER:=apptainer}"
+: "${APPTAINER_EXTRA_ARGS:=}"
 : "${CONTAINER_MOUNTS:=$REPO_DIR:$REPO_DIR}"
 : "${SRUN_EXTRA_ARGS:=}"
 : "${DRY_RUN:=0}"
@@ -206,6 +217,29 @@ if [[ -n $SRUN_EXTRA_ARGS ]]; then
   unset _extra
 fi
 
+# CONTAINER_EXEC: the words that run a command in the Apptainer image (APPTAINER_SIF), placed right
+# before every step's command (after srun and its options); empty without Apptainer. pyxis needs
+# none: its image and mounts are srun options (SRUN_COMMON).
+CONTAINER_EXEC=()
+if [[ -n $APPTAINER_SIF ]]; then
+  [[ -z $CONTAINER_IMAGE ]] || die "set CONTAINER_IMAGE (pyxis) or APPTAINER_SIF (Apptainer), not both"
+  CONTAINER_EXEC=("$APPTAINER" exec --nv --pwd "$REPO_DIR")
+  if [[ -n $CONTAINER_MOUNTS ]]; then
+    CONTAINER_EXEC+=(--bind "$CONTAINER_MOUNTS")
+  fi
+  if [[ -n $APPTAINER_EXTRA_ARGS ]]; then
+    read -r -a _extra <<<"$APPTAINER_EXTRA_ARGS"
+    CONTAINER_EXEC+=("${_extra[@]}")
+    unset _extra
+  fi
+  CONTAINER_EXEC+=("$APPTAINER_SIF")
+fi
+# In docker/Dockerfile's image SGLang has a Python of its own (its torch and transformers pins
+# clash with the trainer's); the launcher runs the servers with it.
+if [[ -n $CONTAINER_IMAGE || -n $APPTAINER_SIF ]] && [[ -z $SGLANG_PYTHON ]]; then
+  SGLANG_PYTHON=/opt/sglang/bin/sglang-python
+fi
+
 # load_api_key: API_KEY from API_KEY_FILE, creating a random one (mode 600) when it is missing.
 load_api_key() {
   if [[ ! -s $API_KEY_FILE ]]; then
@@ -263,6 +297,8 @@ check_config() {
   if [[ -n $CONTAINER_IMAGE && -n ${SLURM_JOB_ID:-} && $DRY_RUN != 1 ]]; then
     # the batch host is outside the container: run the check as a one-task step inside it
     cmd=(srun --nodes=1 --ntasks=1 --overlap "${SRUN_COMMON[@]}" "${cmd[@]}")
+  elif [[ -n $APPTAINER_SIF && $DRY_RUN != 1 ]]; then
+    cmd=("${CONTAINER_EXEC[@]}" "${cmd[@]}")
   fi
   "${cmd[@]}" || die "the config does not fit this job (fix it before any GPU starts)"
 }
