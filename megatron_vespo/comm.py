@@ -94,11 +94,12 @@ def gather_objects(obj, dst: int = 0) -> list | None:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` of global rank ``src`` on every rank of ``group`` (default: the world)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

@@ -197,10 +197,7 @@ def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
     pp_group = ps.get_pipeline_model_parallel_group()
     names = sorted(losses_reduced[0]) if (last_stage and losses_reduced) else None
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        src = ps.get_pipeline_model_parallel_last_rank()
-        box = [names]
-        torch.distributed.broadcast_object_list(box, src=src, group=pp_group)
-        names = box[0]
+        names = comm.broadcast_object(names, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
     if not names:
         return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors only

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from megatron_vespo import comm
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 META = "megatron_vespo.json"
@@ -58,7 +60,7 @@ def run_distributed(args, argv: list[str], body, precheck=None) -> int:
         body(args, layout)
     finally:
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            comm.barrier()
             torch.distributed.destroy_process_group()
     return 0
 
@@ -123,7 +125,7 @@ def hf_to_mcore(args, layout) -> None:
         os.makedirs(args.out, exist_ok=True)
         if os.listdir(args.out):
             raise FileExistsError(f"{args.out} is not empty; choose a new directory")
-    torch.distributed.barrier()
+    comm.barrier()
     dist_checkpointing.save(gpt.sharded_state_dict(), args.out)
     if rank == 0:
         with open(os.path.join(args.out, META), "w") as f:
@@ -233,10 +235,8 @@ def score_mcore(args, layout) -> None:
                                         forward_only=True)
     # the last pipeline stage has the results; send them to global rank 0, which prints
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        box = [results]
-        torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                                group=ps.get_pipeline_model_parallel_group())
-        results = box[0]
+        results = comm.broadcast_object(results, src=ps.get_pipeline_model_parallel_last_rank(),
+                                        group=ps.get_pipeline_model_parallel_group())
     if torch.distributed.get_rank() == 0:
         for logprobs in results:
             print(json.dumps({"logprobs": logprobs}), flush=True)

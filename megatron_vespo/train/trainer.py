@@ -482,6 +482,6 @@ def run_training(cfg: TrainConfig) -> int:
         if summary.get("plot"):
             print(f"plot: {summary['plot']}", flush=True)
         print(f"run directory: {os.path.abspath(trainer.run_dir)}", flush=True)
-    torch.distributed.barrier()
+    comm.barrier()
     torch.distributed.destroy_process_group()
     return 0
