@@ -75,4 +75,4 @@ def test_convert_errors_fail_before_starting_processes(qwen2_moe, tmp_path):
     proc = run_cli("convert", "hf-to-mcore", "--hf", str(cfg), "--out", str(tmp_path / "y"))
     assert proc.returncode == 2 and "unsupported architecture: model_type 'gpt2'" in proc.stderr
     proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "z"))
-    assert proc.returncode == 2 and "was" in proc.stderr and "megatron_vespo.json" in proc.stderr
+    assert proc.returncode == 2 and "megatron_vespo.json missing" in proc.stderr and "trainer checkpoint" in proc.stderr

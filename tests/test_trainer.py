@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_vespo.train.config import load_config
 from megatron_vespo.train.trainer import group_advantages, version_number
@@ -228,3 +229,48 @@ def test_an_engine_dying_mid_run_leaves_a_checkpoint_to_resume_from(model_dir, t
         os.killpg(server.pid, signal.SIGKILL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and [r["step"] for r in _metrics(run_dir)] == list(range(1, 7))
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
+@pytest.mark.parametrize("train_layout", ["single", "pp2vpp2"])
+def test_trainer_checkpoint_exports_to_hf(model_dir, tmp_path, train_layout):
+    """``convert mcore-to-hf`` reads a trainer checkpoint (saved by one process, or by pp2 with two
+    virtual chunks per stage): its HF weights equal the ones the disk weight sync handed the engine
+    after the last step (an independent export of the live model), exported from one process and
+    from tp2."""
+    run_dir, sync = tmp_path / "run", tmp_path / "sync"
+    args = _train_args(model_dir, run_dir, "run.steps=2", "run.plot=false", "rollout.weight_sync=disk",
+                       f"rollout.weight_sync_dir={sync}")
+    if train_layout == "single":
+        proc = run_cli(*args, timeout=600)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "megatron_vespo", *args, "model.pp=2", "model.vpp=2"],
+                              env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sent = _safetensors(sync / "weights-v1")
+    start = _safetensors(model_dir)
+    assert any(not torch.equal(sent[k], start[k]) for k in sent), "training left every weight unchanged"
+    checkpoint = run_dir / "checkpoints" / "step-2"
+    for layout in ([], ["--tp", "2"]):
+        out = tmp_path / f"hf{''.join(layout)}"
+        proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(out), *layout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        exported = _safetensors(out)
+        assert exported.keys() == sent.keys()
+        for key, value in sent.items():
+            assert torch.equal(exported[key], value), key
+        assert (out / "config.json").exists()
+    proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(run_dir), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "neither a 'convert hf-to-mcore' checkpoint" in proc.stderr
+    proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 2 and "is not empty" in proc.stderr

@@ -136,29 +136,70 @@ def hf_to_mcore(args, layout) -> None:
         log(f"wrote Megatron checkpoint {args.out} ({layout}); kept {len(copied)} tokenizer/config files")
 
 
+def checkpoint_source(ckpt: str, base_model: str | None = None):
+    """What ``mcore-to-hf`` reads from ``ckpt``: (model config, HF config, dist checkpoint
+    directory, path of the model's state in it, directory with tokenizer/config files).
+
+    Two kinds: a ``convert hf-to-mcore`` checkpoint (``megatron_vespo.json`` beside the shards) or a
+    trainer checkpoint ``RUN/checkpoints/step-K`` (``mcore/`` + ``trainer_state.json``), whose
+    architecture comes from the run's ``config.yaml`` (``model.hf_dir``) or ``base_model``."""
+    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.mcore.model import MoEModelConfig
+
+    meta_file = os.path.join(ckpt, META)
+    if os.path.exists(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        model = meta["model"]
+        m = MoEModelConfig(**{**model, "dense_layers": tuple(model["dense_layers"])})
+        return m, meta["hf_config"], ckpt, (), os.path.join(ckpt, "hf_files")
+    if os.path.exists(os.path.join(ckpt, "trainer_state.json")) and os.path.isdir(os.path.join(ckpt, "mcore")):
+        if base_model is None:
+            from megatron_vespo.train.config import load_config
+
+            run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.yaml")
+            if not os.path.exists(run_config):
+                raise FileNotFoundError(f"{ckpt} is a trainer checkpoint but its run's config.yaml ({run_config}) is "
+                                        f"missing: pass --base-model (the Hugging Face model the run started from)")
+            base_model = load_config(run_config).model.hf_dir
+        hf_config = load_hf_config(base_model)
+        if not os.path.isfile(os.path.join(ckpt, "complete")):
+            raise ValueError(f"{ckpt} has no 'complete' marker: the trainer was stopped while writing it")
+        # the trainer saves {"model": {"model<chunk>": ...}, "optimizer": ...}: the model alone is read
+        return model_config_from_hf(hf_config), hf_config, os.path.join(ckpt, "mcore"), ("model", "model0"), base_model
+    raise FileNotFoundError(f"{ckpt}: neither a 'convert hf-to-mcore' checkpoint ({META} missing) nor a trainer "
+                            f"checkpoint (RUN/checkpoints/step-K with mcore/ and trainer_state.json)")
+
+
+def check_export(args, layout) -> None:
+    m = checkpoint_source(args.ckpt, args.base_model)[0]
+    m.check_layout(layout)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise FileExistsError(f"{args.out} is not empty; choose a new directory")
+
+
 def mcore_to_hf(args, layout) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_vespo.convert.export import plan_buckets, save_hf_checkpoint
-    from megatron_vespo.mcore.model import MoEModelConfig
 
-    meta_file = os.path.join(args.ckpt, META)
-    if not os.path.exists(meta_file):
-        raise FileNotFoundError(f"{meta_file} missing: was {args.ckpt} written by 'convert hf-to-mcore'?")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    model = meta["model"]
-    m = MoEModelConfig(**{**model, "dense_layers": tuple(model["dense_layers"])})
+    m, hf_config, directory, state_path, side_files = checkpoint_source(args.ckpt, args.base_model)
     m.check_layout(layout)
     gpt, _ = _build(m, layout)
-    gpt.load_state_dict(dist_checkpointing.load(gpt.sharded_state_dict(), args.ckpt))
+    request = gpt.sharded_state_dict()
+    for key in reversed(state_path):
+        request = {key: request}
+    state = dist_checkpointing.load(request, directory)
+    for key in state_path:
+        state = state[key]
+    gpt.load_state_dict(state)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
     n = len(plan_buckets(m, dtype or torch.float32, args.bucket_mib * 2**20))
     with _progress(n, "export") as bar:
-        files = save_hf_checkpoint(gpt, m, args.out, meta["hf_config"], bucket_bytes=args.bucket_mib * 2**20,
+        files = save_hf_checkpoint(gpt, m, args.out, hf_config, bucket_bytes=args.bucket_mib * 2**20,
                                    dtype=dtype, progress=lambda i, total: bar.update())
     if torch.distributed.get_rank() == 0:
-        copied = _copy_tokenizer(os.path.join(args.ckpt, "hf_files"), args.out)
+        copied = _copy_tokenizer(side_files, args.out)
         log(f"wrote {len(files)} safetensors file(s), config.json and {len(copied)} tokenizer/config files to {args.out}")
 
 
@@ -257,12 +298,16 @@ def add_commands(sub) -> None:
     add_layout_arguments(to_mcore)
     to_mcore.set_defaults(func=lambda args: run_distributed(args, args.argv, hf_to_mcore, check_hf_layout))
     to_hf = kinds.add_parser("mcore-to-hf", help="Megatron dist_checkpointing -> HF safetensors")
-    to_hf.add_argument("--ckpt", required=True)
+    to_hf.add_argument("--ckpt", required=True,
+                       help="a 'convert hf-to-mcore' checkpoint or a trainer checkpoint RUN/checkpoints/step-K")
+    to_hf.add_argument("--base-model", default=None,
+                       help="trainer checkpoints: the HF model the run started from (default: the run's "
+                            "config.yaml model.hf_dir)")
     to_hf.add_argument("--out", required=True)
     to_hf.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: as trained")
     to_hf.add_argument("--bucket-mib", type=int, default=2048, help="bytes per safetensors file (MiB)")
     add_layout_arguments(to_hf)
-    to_hf.set_defaults(func=lambda args: run_distributed(args, args.argv, mcore_to_hf))
+    to_hf.set_defaults(func=lambda args: run_distributed(args, args.argv, mcore_to_hf, check_export))
 
     score = sub.add_parser("score", help="per-token log-probs of token sequences (JSON lines)")
     score.add_argument("--model", required=True, help="Hugging Face model directory")
