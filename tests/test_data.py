@@ -447,3 +447,19 @@ def test_make_prompt_source_config_errors(tmp_path, tokenizer):
         make_prompt_source(DataSection(task="file", prompts_file="x.jsonl", reward="math"))
     with pytest.raises(ValueError, match="unknown synthetic task"):
         make_prompt_source(DataSection(task="synthetic", synthetic_task="nope", reward="synthetic"))
+
+
+def test_token_id_prompts_from_jsonl_and_parquet(tmp_path):
+    from megatron_vespo.train.data import read_token_prompts
+
+    rows = [{"input_ids": [1, 2, 3]}, {"input_ids": [7]}]
+    assert read_token_prompts(str(write_jsonl(tmp_path / "t.jsonl", rows))) == [[1, 2, 3], [7]]
+    assert read_token_prompts(str(write_parquet(tmp_path / "t.parquet", rows))) == [[1, 2, 3], [7]]
+    # text prompts: not token ids, left to PromptFile
+    assert read_token_prompts(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "answer": "1"}]))) is None
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1]}, {"input_ids": ["a"]}])
+    with pytest.raises(PromptFileError, match=r"bad.jsonl: column 'input_ids' row 1: expected a non-empty list"):
+        read_token_prompts(str(bad))
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"input_ids": [1]}, {"prompt": "x"}])
+    with pytest.raises(PromptFileError, match=r"no column 'input_ids' in row 1 \(line 2\)"):
+        read_token_prompts(str(missing))

@@ -138,6 +138,38 @@ def _read_columns(path: str, keys: list[str]) -> tuple[list[list], int]:
     raise PromptFileError(f"prompt file {path}: unsupported extension {suffix!r}; use .jsonl or .parquet")
 
 
+def _has_column(path: str, key: str) -> bool:
+    """Whether the file's schema (parquet) or first row (jsonl) has the column ``key``."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return key in pq.read_schema(path).names
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # _read_columns names the bad line
+                return isinstance(row, dict) and key in row
+    return False
+
+
+def read_token_prompts(path: str, key: str = "input_ids") -> list[list[int]] | None:
+    """Prompts given as token ids (a column ``key`` of non-empty integer lists), or None when the
+    file has no such column (then it holds text prompts for ``PromptFile``)."""
+    if not os.path.exists(path):
+        raise PromptFileError(f"prompt file {path} does not exist")
+    if not _has_column(path, key):
+        return None
+    (values,), _ = _read_columns(path, [key])
+    for i, ids in enumerate(values):
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise PromptFileError(f"{path}: column {key!r} row {i}: expected a non-empty list of token ids, "
+                                  f"got {_short(ids)}")
+    return values
+
+
 def _as_messages(value, where: str) -> list[dict] | None:
     """A chat message list -> list of {"role", "content"} dicts; None for a string."""
     if isinstance(value, str):

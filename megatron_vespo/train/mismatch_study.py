@@ -41,52 +41,27 @@ def log(message: str) -> None:
 # -- prompts ------------------------------------------------------------------------------------
 
 
-def _token_id_rows(path: str) -> list[list[int]] | None:
-    """Rows of a JSONL file whose objects carry ``input_ids`` (None if the first row has none)."""
-    if not path.endswith(".jsonl"):
-        return None
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            if "input_ids" not in obj:
-                if not rows:
-                    return None
-                raise ValueError(f"{path}:{number}: 'input_ids' missing (earlier rows have it)")
-            ids = obj["input_ids"]
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"{path}:{number}: input_ids must be a non-empty list of integers")
-            rows.append(ids)
-    return rows
-
-
 def load_prompts(args, vocab_size: int) -> list[list[int]]:
-    """Prompt token ids: ``synthetic:<task>``, a JSONL of ``{"input_ids": [...]}``, or a prompt
-    file the trainer reads (string or chat prompts, tokenized with the model's tokenizer)."""
+    """Prompt token ids: ``synthetic:<task>``, a .jsonl/.parquet file with an ``input_ids``
+    column, or a prompt file the trainer reads (string or chat prompts, tokenized with the model's
+    tokenizer)."""
     if args.prompts.startswith(SYNTHETIC_PREFIX):
         from megatron_vespo.train.tasks import SyntheticTask
 
         task = SyntheticTask(name=args.prompts[len(SYNTHETIC_PREFIX):], seed=args.seed)
         prompts = [task.prompt(uid).input_ids for uid in range(args.num_prompts)]
     else:
-        prompts = _token_id_rows(args.prompts)
+        from megatron_vespo.train.data import PromptFile, read_token_prompts
+
+        prompts = read_token_prompts(args.prompts)
         if prompts is None:
             from transformers import AutoTokenizer
-
-            from megatron_vespo.train.data import PromptFile
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(args.model)
             except Exception as err:  # noqa: BLE001 - named for the user
                 raise ValueError(f"{args.prompts} holds text prompts but the tokenizer of {args.model} could not "
-                                 f"be loaded ({err}); give token ids ({{'input_ids': [...]}} per line)") from None
+                                 f"be loaded ({err}); give token ids (an 'input_ids' column)") from None
             file = PromptFile(args.prompts, prompt_key=args.prompt_key, answer_key=args.answer_key,
                               tokenizer=tokenizer, max_prompt_tokens=args.max_prompt_tokens,
                               apply_chat_template=args.apply_chat_template, seed=args.seed)
@@ -396,8 +371,8 @@ def add_arguments(parser) -> None:
                              "(the servers, not the router: the router drops return_routed_experts)")
     parser.add_argument("--model", required=True, help="Hugging Face model directory (the engine's weights)")
     parser.add_argument("--prompts", required=True,
-                        help="prompt file (.jsonl/.parquet, as the trainer reads), a JSONL of {'input_ids': [...]}, "
-                             "or synthetic:<task>")
+                        help="prompt file (.jsonl/.parquet, as the trainer reads), a .jsonl/.parquet with an 'input_ids' "
+                             "column of token ids, or synthetic:<task>")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--r3", action="store_true", help="also score with R3 routing replay (the engine's experts)")
     parser.add_argument("--out", default="runs/mismatch", help="directory for report.json and the plots")
