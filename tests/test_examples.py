@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_vespo.mcore.parallel import Layout
 from megatron_vespo.train.config import TrainConfig, load_config
 from tests.conftest import find_executable
 
@@ -507,7 +508,8 @@ def test_trainer_command_and_config(dry_runs, name):
 
     cfg = load_config(train.config, train.overrides)  # exactly what the trainer will load
     world = nnodes * nproc
-    dp = check_config.data_parallel_size(cfg.model, world)
+    m = cfg.model
+    dp = Layout.for_world(world, tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp).data_parallel
     assert world == dp * cfg.model.tp * cfg.model.pp * cfg.model.cp
     assert (world // cfg.model.pp) % (cfg.model.ep * cfg.model.etp) == 0
     assert cfg.mini_batch_samples % dp == 0 and cfg.rollout_samples % cfg.algorithm.staleness == 0

@@ -30,22 +30,13 @@ import sys
 PLACEHOLDER_URL = "http://placeholder.invalid:1"
 
 
-def data_parallel_size(model, world: int) -> int:
-    """world / (tp * pp * cp), or ValueError naming the sizes that do not divide."""
-    per_replica = model.tp * model.pp * model.cp
-    if world < 1 or world % per_replica:
-        raise ValueError(f"the world of {world} GPUs is not a multiple of tp {model.tp} x pp {model.pp} x "
-                         f"cp {model.cp} = {per_replica}")
-    return world // per_replica
-
-
 def check(cfg, world: int, hf_config: dict | None = None) -> str:
     """Validate ``cfg`` (a TrainConfig) for ``world`` GPUs; returns a one-line summary."""
     from megatron_vespo.mcore.parallel import Layout
 
     m = cfg.model
-    dp = data_parallel_size(m, world)
-    layout = Layout(tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp, dp=dp).validate(world)
+    layout = Layout.for_world(world, tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp)
+    dp = layout.data_parallel
     if hf_config is not None:
         from megatron_vespo.convert.families import model_config_from_hf
 

@@ -47,6 +47,18 @@ class Layout:
             )
         return cls(**sizes)
 
+    @classmethod
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, ep: int = 1,
+                  etp: int | None = None) -> "Layout":
+        """The layout of ``world_size`` processes: data parallelism takes what tp x pp x cp leaves
+        (dp = world / (tp * pp * cp)). The one place a run's dp is derived: the trainer, every
+        command and the SLURM pre-flight check use it."""
+        per_replica = tp * pp * cp
+        if world_size < 1 or world_size % per_replica:
+            raise ValueError(f"{world_size} processes are not a multiple of tp {tp} x pp {pp} x cp {cp} = "
+                             f"{per_replica}")
+        return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, dp=world_size // per_replica).validate(world_size)
+
     @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
