@@ -35,6 +35,14 @@ def all_reduce_sum(tensor: torch.Tensor, group, tag: str = "all_reduce") -> torc
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group, tag: str = "all_reduce_max") -> torch.Tensor:
+    """In-place MAX all-reduce (no autograd)."""
+    if group_size(group) > 1:
+        COUNTER[tag] += 1
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def all_gather_stack(tensor: torch.Tensor, group, tag: str = "all_gather") -> torch.Tensor:
     """Gather equal-shaped tensors into [group_size, *shape] (no autograd)."""
     size = group_size(group)

@@ -19,6 +19,7 @@ CP rank from the reduced sums.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from megatron_vespo.logprobs import vocab_parallel_logprobs
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
 CP_TAG = "hook_sequence_stats_cp_all_reduce"
-TOTALS = ("response_tokens", "sequences")  # reduced to their sum over the step, not a mean
+TOTALS = ("response_tokens", "sequences", "sequences/adv_pos", "sequences/adv_neg")  # sums over the step
 
 
 @dataclass
@@ -139,6 +140,8 @@ def loss_from_logits(
 
 
 def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, owns_sequences):
+    """Metric name -> [sum, count] (a mean over the step), or -> [extreme, count] for names ending in
+    /max or /min, or -> [sum of squares, count] for names ending in /std (see reduce_metrics)."""
     n_tok = tokens.mask.sum()
     metrics = {
         "policy_loss": _pair(loss_sum.detach(), normaliser),
@@ -155,16 +158,36 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
     # Sequence metrics are identical on every CP rank: count them on one.
     scale = 1.0 if owns_sequences else 0.0
     n_seq = stats.advantages.numel()
+    # the sign split of the paper's reference: A = 0 is neither positive nor negative
+    positive, negative = stats.advantages > 0, stats.advantages < 0
     for name, values in out.sequence_metrics.items():
+        values = values.detach()
         metrics[name] = _pair(values.sum() * scale, n_seq * scale)
+        metrics[f"{name}/max"] = _extreme(values, torch.amax, scale)
+        metrics[f"{name}/min"] = _extreme(values, torch.amin, scale)
+        if name in ("phi", "w_seq"):
+            metrics[f"{name}/adv_pos"] = _pair(values[positive].sum() * scale, positive.sum() * scale)
+            metrics[f"{name}/adv_neg"] = _pair(values[negative].sum() * scale, negative.sum() * scale)
+    if "w_seq" in out.sequence_metrics:
+        w_seq = out.sequence_metrics["w_seq"].detach()
+        metrics["w_seq/std"] = _pair(w_seq.double().pow(2).sum() * scale, n_seq * scale)
+        metrics["w_seq/adv_neg_over_100"] = _pair(((w_seq > 100) & negative).sum() * scale, negative.sum() * scale)
     if "phi" in out.sequence_metrics:
-        phi = out.sequence_metrics["phi"]
-        positive = stats.advantages >= 0
-        metrics["phi/adv_pos"] = _pair(phi[positive].sum() * scale, positive.sum() * scale)
-        metrics["phi/adv_neg"] = _pair(phi[~positive].sum() * scale, (~positive).sum() * scale)
-        metrics["phi/zero_frac"] = _pair((phi < kernel.PHI_ZERO).sum() * scale, n_seq * scale)
+        metrics["phi/zero_frac"] = _pair((out.sequence_metrics["phi"] < kernel.PHI_ZERO).sum() * scale, n_seq * scale)
+    # the reference's approx_kl: the length-normalised sequence log-ratio, negated, over sequences
+    per_token_log_ratio = stats.log_ratio_sum / stats.token_count.clamp(min=1)
+    metrics["approx_kl"] = _pair(-per_token_log_ratio.sum() * scale, n_seq * scale)
     metrics["sequences"] = _pair(stats.advantages.new_tensor(n_seq * scale), n_seq * scale)
+    metrics["sequences/adv_pos"] = _pair(positive.sum() * scale, positive.sum() * scale)
+    metrics["sequences/adv_neg"] = _pair(negative.sum() * scale, negative.sum() * scale)
     return metrics
+
+
+def _extreme(values: torch.Tensor, reduce, scale: float) -> torch.Tensor:
+    """[max or min, count]; a rank that owns no sequences (or has none) gives the neutral element."""
+    neutral = float("-inf") if reduce is torch.amax else float("inf")
+    value = reduce(values.double()) if (values.numel() and scale) else values.new_tensor(neutral, dtype=torch.float64)
+    return _pair(value, values.numel() * scale)
 
 
 def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
@@ -187,10 +210,17 @@ def _loss_func(mb, cfg, groups, chunk_tokens, output_tensor):
     return loss_from_logits(output_tensor, mb, cfg, groups, chunk_tokens, inplace_grad=True)
 
 
+def _reduction(name: str) -> str:
+    return "max" if name.endswith("/max") else "min" if name.endswith("/min") else "sum"
+
+
 def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
-    """Sum metric pairs over micro-batches and DP x CP, then send them from the last pipeline
-    stage to every stage (so the logging rank, global rank 0, has them). Returns sum/count, or
-    the sum for the TOTALS (tokens and sequences in the step)."""
+    """Reduce the hook's metric pairs over micro-batches and DP x CP, then send them from the last
+    pipeline stage to every stage (so the logging rank, global rank 0, has them).
+
+    Returns sum / count (a mean over the step), the sum for the TOTALS (tokens and sequences in the
+    step), the extreme for names ending in /max or /min, and for names ending in /std the unbiased
+    standard deviation over the step's sequences (from the sum of squares and the mean's pair)."""
     from megatron.core import parallel_state as ps
 
     last_stage = ps.is_pipeline_last_stage()
@@ -201,12 +231,36 @@ def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
     if not names:
         return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors only
+    # sums and counts in one table; extremes in another (min negated, so one MAX reduces both)
     table = torch.zeros((len(names), 2), dtype=torch.float64, device=device)
+    extremes = torch.full((len(names),), float("-inf"), dtype=torch.float64, device=device)
+    sign = torch.tensor([-1.0 if _reduction(n) == "min" else 1.0 for n in names], dtype=torch.float64,
+                        device=device)
+    is_extreme = torch.tensor([_reduction(n) != "sum" for n in names], device=device)
     if last_stage:
         for entry in losses_reduced:
-            table += torch.stack([entry[n].to(device=device, dtype=torch.float64) for n in names])
-        comm.all_reduce_sum(table, ps.get_data_parallel_group(with_context_parallel=True))
+            values = torch.stack([entry[n].to(device=device, dtype=torch.float64) for n in names])
+            table[:, 1] += values[:, 1]
+            table[:, 0] += torch.where(is_extreme, 0.0, values[:, 0])
+            extremes = torch.maximum(extremes, torch.where(is_extreme, values[:, 0] * sign, float("-inf")))
+        dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+        comm.all_reduce_sum(table, dp_cp)
+        if bool(is_extreme.any()):
+            comm.all_reduce_max(extremes, dp_cp)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         comm.broadcast_(table, ps.get_pipeline_model_parallel_last_rank(), pp_group)
-    return {n: (s if n in TOTALS else s / c if c > 0 else float("nan"))
-            for n, (s, c) in zip(names, table.cpu().tolist())}
+        comm.broadcast_(extremes, ps.get_pipeline_model_parallel_last_rank(), pp_group)
+    sums = dict(zip(names, table.cpu().tolist()))
+    out = {}
+    for name, extreme in zip(names, (extremes * sign).cpu().tolist()):
+        s, c = sums[name]
+        if name in TOTALS:
+            out[name] = s
+        elif _reduction(name) != "sum":
+            out[name] = extreme if c > 0 else float("nan")
+        elif name.endswith("/std"):
+            mean_sum, n = sums.get(name[: -len("/std")], (0.0, 0.0))
+            out[name] = math.sqrt(max(s - mean_sum * mean_sum / n, 0.0) / (n - 1)) if n > 1 else float("nan")
+        else:
+            out[name] = s / c if c > 0 else float("nan")
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_vespo.train.config import load_config
-from megatron_vespo.train.trainer import group_advantages, version_number
+from megatron_vespo.train.trainer import group_advantages, mini_batch_ids, version_number
 from tests.conftest import ROOT, _env, run_cli
 
 CONFIG = os.path.join(ROOT, "examples", "configs", "demo_cpu.yaml")
@@ -70,8 +70,25 @@ def test_group_advantages_and_versions():
     rewards = np.array([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
     adv = group_advantages(rewards, 4, "grpo", 1e-6)
     assert np.allclose(adv[:4].mean(), 0) and adv[0] > 0 > adv[1] and np.allclose(adv[4:], 0)
+    # the default is the reference's unbiased std (torch.std): 0.75 / 0.5; population: 0.75 / 0.433
+    assert adv[0] == pytest.approx(0.75 / (0.5 + 1e-6))
+    population = group_advantages(rewards, 4, "grpo", 1e-6, std="population")
+    assert population[0] == pytest.approx(0.75 / (np.sqrt(0.75 / 4) + 1e-6))
+    assert adv[0] / population[0] == pytest.approx(np.sqrt(3 / 4), rel=1e-5)
     assert np.allclose(group_advantages(rewards, 4, "grpo_mean", 1e-6)[:4], [0.75, -0.25, -0.25, -0.25])
     assert [version_number(v) for v in ("default", "v0", "v12", None)] == [0, 0, 12, 0]
+
+
+def test_mini_batches_grouped_in_order_or_shuffled():
+    grouped = mini_batch_ids(16, 4, "grouped", seed=3)
+    assert grouped == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # a group of 4 each
+    shuffled = mini_batch_ids(16, 4, "shuffled", seed=3)
+    assert sorted(i for ids in shuffled for i in ids) == list(range(16)) and shuffled != grouped
+    assert shuffled == mini_batch_ids(16, 4, "shuffled", seed=3) != mini_batch_ids(16, 4, "shuffled", seed=4)
+    with pytest.raises(ValueError, match="algorithm.mini_batch_order = 'random'"):
+        load_config(CONFIG, ["algorithm.mini_batch_order=random"]).validate()
+    with pytest.raises(ValueError, match="rollout.group_size = 1: group advantages need at least 2"):
+        load_config(CONFIG, ["rollout.group_size=1"]).validate()
 
 
 def test_an_unreachable_engine_is_a_clear_error(model_dir, tmp_path):

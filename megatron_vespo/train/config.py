@@ -81,6 +81,11 @@ class AlgorithmSection:
     micro_batch_size: int = 0  # sequences per micro-batch (0: the whole mini-batch per data rank)
     advantage: str = "grpo"  # grpo: (r - mean) / std in the group | grpo_mean: r - mean
     advantage_eps: float = 1e-6  # added to the group std in grpo advantages
+    # grpo: the group's std. unbiased (n - 1, torch.std: the paper's reference) | population (n)
+    advantage_std: str = "unbiased"
+    # how a rollout batch becomes N mini-batches: grouped (contiguous, in order, each prompt's group
+    # together: the paper's reference) | shuffled (single samples shuffled across mini-batches)
+    mini_batch_order: str = "grouped"
     pi_old: str = "recompute"  # recompute (Megatron forward before the N steps) | bypass (engine's)
     routing_replay: str = "none"  # none | r2 (record in the pi_old forward) | r3 (engine's routes)
     # r2: also ask the engine for its routes and log mismatch/routing_agreement (heavy on a large
@@ -141,6 +146,8 @@ class TrainConfig:
                    "rollout.local_dtype": (r.local_dtype, ("bfloat16", "float32")),
                    "model.params_dtype": (m.params_dtype, ("bfloat16", "float32")),
                    "algorithm.advantage": (a.advantage, ("grpo", "grpo_mean")),
+                   "algorithm.advantage_std": (a.advantage_std, ("unbiased", "population")),
+                   "algorithm.mini_batch_order": (a.mini_batch_order, ("grouped", "shuffled")),
                    "algorithm.pi_old": (a.pi_old, ("recompute", "bypass")),
                    "algorithm.routing_replay": (a.routing_replay, ("none", "r2", "r3")),
                    "data.task": (self.data.task, ("synthetic", "file")),
@@ -158,6 +165,9 @@ class TrainConfig:
                            ("run.steps", self.run.steps)):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if r.group_size < 2:
+            raise ValueError(f"rollout.group_size = {r.group_size}: group advantages need at least 2 samples per "
+                             "prompt (with 1, every advantage is 0 and nothing is learned)")
         if self.rollout_samples % a.staleness:
             raise ValueError(f"algorithm.staleness = {a.staleness} does not divide the rollout batch of "
                              f"{self.rollout_samples} samples (rollout.prompts_per_batch x rollout.group_size)")

@@ -56,12 +56,23 @@ class RolloutBatch:
     seconds: float
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float) -> np.ndarray:
+def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float,
+                     std: str = "unbiased") -> np.ndarray:
+    """GRPO: (r - group mean) / (group std + eps); ``std`` "unbiased" divides by n - 1 (as
+    torch.std in the paper's reference), "population" by n. grpo_mean: r - group mean."""
     groups = rewards.reshape(-1, group_size)
     centred = groups - groups.mean(axis=1, keepdims=True)
     if kind == "grpo":
-        centred = centred / (groups.std(axis=1, keepdims=True) + eps)
+        centred = centred / (groups.std(axis=1, keepdims=True, ddof=1 if std == "unbiased" else 0) + eps)
     return centred.reshape(-1)
+
+
+def mini_batch_ids(n: int, staleness: int, order: str, seed: int) -> list[list[int]]:
+    """Sample ids of each of the N mini-batches. "grouped": contiguous blocks in order, so each
+    prompt's group stays together (the paper's reference); "shuffled": a seeded permutation."""
+    ids = list(range(n)) if order == "grouped" else np.random.default_rng(seed).permutation(n).tolist()
+    size = n // staleness
+    return [sorted(ids[i:i + size]) for i in range(0, n, size)]
 
 
 def version_number(version: str | None) -> int:
@@ -73,11 +84,13 @@ def version_number(version: str | None) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from megatron_vespo.mcore.parallel import Layout
+        from megatron_vespo.mcore.parallel import Layout, init_distributed
         from megatron_vespo.train.policy import Policy
 
         m = cfg.model
-        self.layout = Layout(tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp)
+        init_distributed()
+        self.layout = Layout.for_world(torch.distributed.get_world_size(), tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp,
+                                       ep=m.ep, etp=m.etp)
         self.cfg = cfg
         self.run_dir = cfg.run.run_dir
         self.policy = Policy(cfg, self.layout)
@@ -289,7 +302,8 @@ class Trainer:
     def _prepare(self, batch: RolloutBatch):
         a = self.cfg.algorithm
         rewards = np.asarray(batch.rewards, dtype=np.float64)
-        advantages = group_advantages(rewards, self.cfg.rollout.group_size, a.advantage, a.advantage_eps)
+        advantages = group_advantages(rewards, self.cfg.rollout.group_size, a.advantage, a.advantage_eps,
+                                      a.advantage_std)
         samples = [Sample(tokens=torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long),
                           prompt_len=len(s.prompt_ids), advantage=float(adv), old_logprobs=None,
                           engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
@@ -312,10 +326,9 @@ class Trainer:
         return samples, extra
 
     def _mini_batches(self, n: int):
-        """The rollout batch in N = staleness mini-batches, in a seeded shuffled order."""
-        order = np.random.default_rng(self.cfg.run.seed + self.batch_index).permutation(n).tolist()
-        size = n // self.cfg.algorithm.staleness
-        return [sorted(order[i:i + size]) for i in range(0, n, size)]
+        """The rollout batch (ordered by prompt, then sample) in N = staleness mini-batches."""
+        return mini_batch_ids(n, self.cfg.algorithm.staleness, self.cfg.algorithm.mini_batch_order,
+                              self.cfg.run.seed + self.batch_index)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
