@@ -77,6 +77,15 @@ def _sparse_layers(cfg: dict, n_layers: int, family: str) -> tuple[int, ...]:
     return tuple(i for i in range(n_layers) if i in mlp_only or (i + 1) % step != 0)
 
 
+def _padding_idx(cfg: dict) -> int | None:
+    """transformers' nn.Embedding padding_idx (pad_token_id; negative counts from the end)."""
+    pad = cfg.get("pad_token_id")
+    if pad is None:
+        return None
+    pad = int(pad)
+    return pad + int(cfg["vocab_size"]) if pad < 0 else pad
+
+
 def model_config_from_hf(cfg: dict) -> MoEModelConfig:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
@@ -106,6 +115,7 @@ def model_config_from_hf(cfg: dict) -> MoEModelConfig:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qk_layernorm=family in ("qwen3_moe", "qwen3"),
+        padding_idx=_padding_idx(cfg),
     )
     if family in ("qwen3", "llama"):
         return MoEModelConfig(**common, num_experts=0, moe_router_topk=0, moe_ffn_hidden_size=0).validate()

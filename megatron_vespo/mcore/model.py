@@ -58,6 +58,9 @@ class MoEModelConfig:
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
     router_pre_softmax: bool = False  # softmax over all experts, top-k NOT renormalised
     tie_word_embeddings: bool = False
+    # HF pad_token_id: transformers builds nn.Embedding(padding_idx=pad_token_id), whose row never
+    # receives a gradient from the input lookup; the Megatron model does the same (freeze_padding_row)
+    padding_idx: int | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -73,6 +76,8 @@ class MoEModelConfig:
             )
         if self.is_moe and self.moe_router_topk > self.num_experts:
             raise ValueError(f"moe_router_topk {self.moe_router_topk} > num_experts {self.num_experts}")
+        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
+            raise ValueError(f"padding_idx (pad_token_id) {self.padding_idx} outside [0, {self.vocab_size})")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"dense_layers {bad} outside [0, {self.num_layers})")
@@ -200,7 +205,7 @@ def build_gpt_model(model: MoEModelConfig, config, vp_stage: int | None = None):
     virtual = config.virtual_pipeline_model_parallel_size is not None
     if virtual and vp_stage is None:
         raise ValueError("with a virtual pipeline, build the chunks with build_gpt_chunks()")
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, vp_stage),
         vocab_size=model.vocab_size,
@@ -213,6 +218,31 @@ def build_gpt_model(model: MoEModelConfig, config, vp_stage: int | None = None):
         rotary_base=int(model.rope_theta),
         vp_stage=vp_stage,
     )
+    if gpt.pre_process and model.padding_idx is not None:
+        freeze_padding_row(gpt.embedding.word_embeddings, model.padding_idx)
+    return gpt
+
+
+def freeze_padding_row(word_embeddings, padding_idx: int) -> None:
+    """Give the embedding lookup transformers' ``padding_idx`` semantics: positions holding
+    ``padding_idx`` send no gradient to the embedding table (a tied output layer still does, as
+    in transformers). The gradient is dropped at the lookup's output, whose layout depends on
+    Megatron's sequence-parallel reduce-scatter: [b, s, h], or [s / tp, b, h] (this TP rank's
+    slice of the sequence) with ``reduce_scatter_embeddings``."""
+
+    def keep_mask(input_ids: torch.Tensor) -> torch.Tensor:
+        keep = input_ids != padding_idx
+        if word_embeddings.reduce_scatter_embeddings:
+            tp_size, tp_rank = word_embeddings.tp_group.size(), word_embeddings.tp_group.rank()
+            keep = keep.transpose(0, 1).chunk(tp_size, dim=0)[tp_rank]
+        return keep.unsqueeze(-1)
+
+    def hook(module, inputs, output):
+        if output.requires_grad:
+            keep = keep_mask(inputs[0]).to(device=output.device, dtype=output.dtype)
+            output.register_hook(lambda grad: grad * keep)
+
+    word_embeddings.register_forward_hook(hook)
 
 
 def build_gpt_chunks(model: MoEModelConfig, config) -> list:

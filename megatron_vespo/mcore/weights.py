@@ -189,6 +189,43 @@ def as_source(tensors) -> TensorSource:
     return tensors if isinstance(tensors, TensorSource) else DictSource(tensors)
 
 
+# ----------------------------------------------------------------------------- embedding health
+class DegenerateEmbeddingWarning(UserWarning):
+    """Tokens the engine can sample have an all-zero or near-zero input embedding."""
+
+
+def degenerate_embedding_rows(embedding: torch.Tensor, relative: float = 1e-2) -> list[int]:
+    """Ids of embedding rows whose norm is at most ``relative`` times the median row norm (an
+    all-zero row always)."""
+    norms = embedding.detach().double().norm(dim=1)
+    return (norms <= relative * norms.median()).nonzero().flatten().tolist()
+
+
+def check_embedding_rows(source: "TensorSource", m, warn=None) -> list[int]:
+    """Warn (DegenerateEmbeddingWarning) about input-embedding rows that are zero or near zero.
+
+    The engine samples from the whole vocabulary, so any such token can appear inside a response;
+    the next layer's RMSNorm then sees a near-zero input, where its gradient is weight / sqrt(eps)
+    (1000x at eps 1e-6): a spike in that embedding row that grad clipping turns into a lost step."""
+    import warnings
+
+    rows = degenerate_embedding_rows(source.read("model.embed_tokens.weight"))
+    if rows:
+        shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        frozen = (f" Row {m.padding_idx} is pad_token_id: frozen as in transformers (no gradient from its "
+                  "lookup), but the model still reads a zero vector there."
+                  if m.padding_idx is not None and m.padding_idx in rows else "")
+        message = (f"model.embed_tokens.weight: {len(rows)} token(s) the engine can sample have an all-zero or "
+                   f"near-zero embedding (ids {shown}; below 1% of the median row norm). Sampled inside a "
+                   "response, such a token puts a near-zero vector into the first RMSNorm, whose gradient "
+                   "there is weight / sqrt(eps): a gradient spike in that row." + frozen +
+                   " Initialise these rows like the others (or keep the engine from sampling them).")
+        warnings.warn(message, DegenerateEmbeddingWarning, stacklevel=2)
+        if warn is not None:
+            warn(f"warning: {message}")
+    return rows
+
+
 # ----------------------------------------------------------------------------- sharding
 @dataclass(frozen=True)
 class ShardContext:

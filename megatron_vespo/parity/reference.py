@@ -111,6 +111,8 @@ class ReferenceMoE:
         ``(layer, top_idx [L, top_k])`` for every MoE layer."""
         m, w = self.m, self.w
         x = w["model.embed_tokens.weight"][tokens]
+        if m.padding_idx is not None:  # transformers' padding_idx: that row gets no lookup gradient
+            x = torch.where((tokens == m.padding_idx).unsqueeze(1), x.detach(), x)
         cos, sin = self.rope(tokens.numel())
         for i in range(m.num_layers):
             p = f"model.layers.{i}."
@@ -134,14 +136,15 @@ class ReferenceMoE:
 
 
 def reference_loss(model: ReferenceMoE, samples: list[Sample], micro_batches: list[list[int]],
-                   cfg: LossConfig) -> torch.Tensor:
-    """Global loss over micro-batches (each a list of sample ids), as Megatron normalises it."""
+                   cfg: LossConfig, routes: dict | None = None) -> torch.Tensor:
+    """Global loss over micro-batches (each a list of sample ids), as Megatron normalises it;
+    ``routes[sample id]`` ([L, layers, top_k]) forces the experts (routing replay)."""
     total, normaliser = 0.0, 0.0
     for ids in micro_batches:
         logps, olds, engines, seq_index = [], [], [], []
         for j, sid in enumerate(ids):
             s = samples[sid]
-            logps.append(model.response_logprobs(s, cfg.temperature))
+            logps.append(model.response_logprobs(s, cfg.temperature, None if routes is None else routes[sid]))
             olds.append(s.old_logprobs if s.old_logprobs is not None else s.engine_logprobs)
             engines.append(s.engine_logprobs)
             seq_index.append(torch.full((s.response_len,), j, dtype=torch.long))

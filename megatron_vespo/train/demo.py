@@ -1,6 +1,8 @@
 """``megatron-vespo demo``: a tiny Qwen3-MoE learns a synthetic task with VESPO on a 2-core CPU.
 
-1. Build the model (transformers, a few M parameters, 8 experts top-2, a dense first layer) and give
+1. Build the model (transformers, a few M parameters, every layer MoE with 8 experts top-2, as real
+   Qwen3-MoE checkpoints and as SGLang's qwen3_moe builds it; no pad_token_id, so no embedding
+   row starts at zero: PAD is an ordinary token the policy can emit, never part of an answer) and give
    it a short supervised warm start on the task, so rollouts start with some reward but far from
    all of it. Cached in the run's model directory (keyed by the settings below): a second run
    skips this.
@@ -28,8 +30,11 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
                               "examples", "configs", "demo_cpu.yaml")
 
 
+MODEL_REVISION = 2  # 2: every layer MoE, no pad_token_id (1 had a dense first layer and a zero PAD row)
+
+
 def _stamp(task_name: str, digits: tuple[int, int]) -> str:
-    text = json.dumps([MODEL_SETTINGS, WARM_START, task_name, list(digits)], sort_keys=True)
+    text = json.dumps([MODEL_SETTINGS, WARM_START, task_name, list(digits), MODEL_REVISION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -44,10 +49,12 @@ def build_model(directory: str, task_name: str = "reverse", log=print, digits: t
         log(f"model: reusing {directory}")
         return directory
     torch.manual_seed(WARM_START["seed"])
+    # pad_token_id stays unset: transformers would start that row at zero (nn.Embedding
+    # padding_idx), a degenerate embedding for a token the engine can sample (check_embedding_rows)
     config = tf.Qwen3MoeConfig(vocab_size=tasks.SYNTHETIC_VOCAB, rms_norm_eps=1e-6, initializer_range=0.05,
-                               decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                               decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                                tie_word_embeddings=False, bos_token_id=tasks.BOS, eos_token_id=tasks.EOS,
-                               pad_token_id=tasks.PAD, **MODEL_SETTINGS)
+                               pad_token_id=None, **MODEL_SETTINGS)
     model = tf.Qwen3MoeForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: tiny Qwen3-MoE, {n_params / 1e6:.2f} M parameters, {config.num_experts} experts top-"

@@ -20,8 +20,15 @@ from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for
 from megatron_vespo.hook import make_forward_step, reduce_metrics
 from megatron_vespo.losses import LossConfig
 from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+from megatron_vespo.train.grad_norms import gradient_norms
 
 CHECKPOINT_PREFIX = "step-"
+
+
+def _log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 class Policy:
@@ -36,7 +43,7 @@ class Policy:
 
         from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
         from megatron_vespo.mcore.model import build_gpt_chunks, transformer_config
-        from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, load_hf_state
+        from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, check_embedding_rows, load_hf_state
 
         self.cfg, self.layout = cfg, layout
         initialize_model_parallel(layout, seed=cfg.run.seed)
@@ -58,6 +65,8 @@ class Policy:
         self.config = transformer_config(self.m, layout, params_dtype=dtype, **overrides)
         chunks = build_gpt_chunks(self.m, self.config)
         source = SafetensorsSource(cfg.model.hf_dir)
+        if torch.distributed.get_rank() == 0:
+            check_embedding_rows(source, self.m, warn=_log)
         for chunk in chunks:
             load_hf_state(chunk, source, ShardContext.from_model(chunk, self.m))
         self.chunks = chunks
@@ -219,9 +228,11 @@ class Policy:
             if self.replay is not None:
                 self.replay.abort()
             raise
+        group_norms = gradient_norms(self.chunks)  # before the step: the clip scales the gradients
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = reduce_metrics(out)
+        metrics.update(group_norms)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not ok)
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])

@@ -2,7 +2,10 @@
 
 Synthetic tasks work on token ids directly (no tokenizer): ``PAD BOS EOS SEP`` then ten digit
 tokens. A prompt is ``BOS d1 .. dn SEP``; the answer is digits followed by EOS, of a length that
-varies with the prompt, so the policy must learn when to stop. The reward is 1 for an exact
+varies with the prompt, so the policy must learn when to stop. PAD only pads batches (the demo's
+warm start); it is never part of an answer, so a PAD inside a response is a wrong token like any
+other (the answer is wrong from there on). The engine samples from the whole vocabulary, so the
+demo model embeds PAD like every other token (no zero padding row). The reward is 1 for an exact
 answer (EOS included), else the fraction of leading answer tokens that are right scaled by 0.5,
 so early learning has a gradient, and 0 for an answer that never stops.
 """
