@@ -760,6 +760,15 @@ class LocalEngine:
         self._targets = targets
         return targets
 
+    def hf_weight(self, name: str) -> torch.Tensor:
+        """A copy of the weight the Hugging Face checkpoint calls ``name`` (one tensor per expert)."""
+        targets = self._weight_targets()
+        if name not in targets:
+            raise KeyError(f"unknown tensor {name!r}: not a Hugging Face checkpoint name of this {self.architectures[0]}")
+        param, index, _ = targets[name]
+        with self._model_lock:
+            return param.data[index].detach().clone()
+
     def _skipped(self, name: str) -> bool:
         # a tied lm_head is the embedding: checkpoints may carry it, the model has one tensor
         return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
