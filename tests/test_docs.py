@@ -304,8 +304,10 @@ def test_losses_doc_names_exist():
     keys = _config_keys()
     fields = {f.name for f in dataclasses.fields(losses.LossConfig)}
     choices = {str(c) for values in _gen().collect()[1].choices.values() for c in values}
+    from megatron_vespo.train.grad_norms import METRIC_NAMES
+
     known = (fields | set(losses.LOSSES) | set(losses.CORRECTIONS) | set(losses.AGGREGATIONS)
-             | _hook_metric_names() | choices | {k.rsplit(".", 1)[-1] for k in keys})
+             | _hook_metric_names() | choices | {k.rsplit(".", 1)[-1] for k in keys} | set(METRIC_NAMES))
     source = _searchable_source()
     external = {"calculate_per_token_loss", "finalize_model_grads", "loss_func", "index_add_", "FloatingPointError",
                 "ValueError", "null", "true"}

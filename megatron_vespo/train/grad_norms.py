@@ -17,6 +17,8 @@ from megatron_vespo import comm
 
 GROUPS = ("embedding", "attention", "router", "experts", "mlp", "norms", "output")
 METRIC_PREFIX = "grad_norm/"
+MAX_ROW, MAX_ROW_ID = METRIC_PREFIX + "embedding_max_row", METRIC_PREFIX + "embedding_max_row_id"
+METRIC_NAMES = tuple(METRIC_PREFIX + group for group in GROUPS) + (MAX_ROW, MAX_ROW_ID)
 
 
 def parameter_group(name: str) -> str:
@@ -85,8 +87,8 @@ def gradient_norms(chunks) -> dict[str, float]:
         local = torch.stack([row_norms.max(), (row_norms.argmax() + vocab_start).double()]).to(device)
         candidates = comm.all_gather_stack(local, ps.get_tensor_model_parallel_group(), tag="grad_norm_rows")
         best = candidates[candidates[:, 0].argmax()].cpu().tolist()
-        out[f"{METRIC_PREFIX}embedding_max_row"] = best[0]
-        out[f"{METRIC_PREFIX}embedding_max_row_id"] = int(best[1])
+        out[MAX_ROW] = best[0]
+        out[MAX_ROW_ID] = int(best[1])
     return out
 
 
