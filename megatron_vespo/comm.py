@@ -158,22 +158,33 @@ class StandaloneGroup:
     trainer (rank 0) and inference-engine ranks, for weight broadcasts. It never touches
     ``torch.distributed``'s default group, so Megatron's groups on the trainer are unaffected.
 
-    ``backend`` "nccl" (GPU clusters; SGLang's ``/init_weights_update_group``) or "gloo" (CPU and
-    the local engine). NCCL cannot be exercised on the CPU test machines; it is the same calls."""
+    Its rendezvous is SGLang's, key for key: ``/init_weights_update_group`` runs SGLang's
+    ``init_custom_process_group`` (sglang/srt/utils/common.py), which meets at a TCPStore on
+    ``tcp://host:port`` hosted by rank 0, wraps it in ``PrefixStore(group_name)`` and hands it to
+    torch's ``_new_process_group_helper``; that adds ``"{group_name}/"`` and then one prefix per
+    device type, stopping after the first when one backend serves them all: ``"cpu/"`` for gloo,
+    ``"cuda/"`` for NCCL. The same prefixes here, without registering the group in torch's global
+    tables (a trainer and an in-process engine may both hold one of the same name).
+
+    ``backend`` "nccl" (GPU clusters) or "gloo" (CPU and the local engine)."""
+
+    BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
                  group_name: str = "weight_sync", timeout_s: float = 600.0):
         import datetime
 
-        if backend not in ("nccl", "gloo"):
+        if backend not in self.BACKEND_DEVICE:
             raise ValueError(f"weight-sync backend must be 'nccl' or 'gloo', got {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
-        store = dist.PrefixStore(group_name, store)
+        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout, multi_tenant=True)
+        for prefix in (group_name, f"{group_name}/", f"{self.BACKEND_DEVICE[backend]}/"):
+            store = dist.PrefixStore(prefix, store)
         if backend == "gloo":
             self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         else:
             options = dist.ProcessGroupNCCL.Options()
+            options.is_high_priority_stream = False
             options._timeout = timeout
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, options)
         self.rank, self.world_size, self.backend, self.name = rank, world_size, backend, group_name

@@ -79,6 +79,7 @@ class WeightSync:
         self.master_address, self.master_port, self.backend = master_address, master_port, backend
         self.group_name, self.pause_mode, self.tensor_tp_size = group_name, pause_mode, tensor_tp_size
         self._group = None
+        self._session = False  # a /begin_weight_update is outstanding
         self._previous_dir = None
 
     @staticmethod
@@ -116,50 +117,105 @@ class WeightSync:
                     self.engine.resume()
         elif self.route == "disk":
             target = os.path.join(self.disk_dir, f"weights-{version}")
-            if rank == 0:
-                self._prepare_servers()
-            save_hf_checkpoint(model, self.m, target, self.hf_config, bucket_bytes=self.bucket_bytes, dtype=self.dtype)
-            if rank == 0:
-                self._copy_side_files(target)
-                try:
+            self._on_servers(self._prepare_servers)
+            failure = None
+            try:
+                save_hf_checkpoint(model, self.m, target, self.hf_config, bucket_bytes=self.bucket_bytes,
+                                   dtype=self.dtype)
+                if rank == 0:
+                    self._copy_side_files(target)
                     self.control.update_weights_from_disk(os.path.abspath(target), version)
-                finally:
-                    self.control.resume()
+            except BaseException as err:
+                failure = err
+            self._finish(failure, session=False)
+            if rank == 0:
                 sent["bytes"] = sum(os.path.getsize(os.path.join(target, f)) for f in os.listdir(target)
                                     if f.endswith(".safetensors"))
                 if self._previous_dir and self._previous_dir != target:
                     shutil.rmtree(self._previous_dir, ignore_errors=True)  # keep one copy on disk
                 self._previous_dir = target
         else:
-            if rank == 0:
-                self._prepare_servers()
-                self.control.begin_weight_update()
-                if self.route == "distributed" and self._group is None:
-                    self._init_group()
-            try:
-                previous = None
-                for bucket in buckets():
-                    if rank != 0:
-                        continue
-                    # the version goes with the last bucket: tag it once the generator is exhausted
+            self._on_servers(self._open_update)
+            failure = None
+            previous = None
+            for bucket in buckets():  # every rank drains the export (it is collective), even after a failure
+                if rank != 0 or failure is not None:
+                    continue
+                try:  # the version goes with the last bucket: tag it once the generator is exhausted
                     if previous is not None:
                         self._send(previous, None)
                     previous = bucket
-                if rank == 0 and previous is not None:
+                except BaseException as err:
+                    failure = err
+            if rank == 0 and failure is None and previous is not None:
+                try:
                     self._send(previous, version)
-            finally:
-                if rank == 0:
-                    self.control.end_weight_update()
-                    self.control.resume()
+                except BaseException as err:
+                    failure = err
+            self._finish(failure, session=True)
         if rank != 0:
             return None
         return SyncReport(version, self.route, sent["buckets"], sent["bytes"], time.perf_counter() - start)
 
     # -- steps ----------------------------------------------------------------------------------
 
+    def _on_servers(self, step) -> None:
+        """Run ``step`` on rank 0 and make every rank raise if it failed (before the collective
+        export starts, so no rank waits for one that has given up); rank 0 resumes the servers
+        first, so a failed sync never leaves them paused."""
+        failure = None
+        if self._rank() == 0:
+            try:
+                step()
+            except BaseException as err:
+                failure = err
+        self._finish(failure, session=self.route in ("distributed", "tensor"), release=failure is not None)
+
+    def _finish(self, failure: BaseException | None, session: bool, release: bool = True) -> None:
+        """Rank 0 resumes the servers (when ``release``) whatever happened; then every rank raises
+        if rank 0 failed (its first error wins over one from resuming)."""
+        if self._rank() == 0 and release:
+            try:
+                self._release_servers(session)
+            except ControlError as err:
+                failure = failure or err
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from megatron_vespo import comm
+
+            message = comm.broadcast_object(message)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"weight sync failed on rank 0: {message}")
+
     def _prepare_servers(self):
         self.control.pause(self.pause_mode)
         self.control.flush_cache()
+
+    def _open_update(self):
+        self._prepare_servers()
+        self._session = True
+        self.control.begin_weight_update()
+        if self.route == "distributed" and self._group is None:
+            self._init_group()
+
+    def _release_servers(self, session: bool) -> None:
+        """End the update session (when one was asked for) and resume generation on every server,
+        whatever happened before; a failure here is reported after both were tried."""
+        errors = []
+        if session and self._session:
+            self._session = False
+            try:
+                self.control.end_weight_update()
+            except ControlError as err:
+                errors.append(err)
+        try:
+            self.control.resume()
+        except ControlError as err:
+            errors.append(err)
+        if errors:
+            raise errors[0]
 
     def _copy_side_files(self, target):
         if not self.side_files_from:
@@ -170,9 +226,22 @@ class WeightSync:
                 shutil.copy2(source, os.path.join(target, name))
 
     def _server_world_sizes(self) -> list[int]:
+        """Weight-update group ranks per server. SGLang joins every worker of a server as
+        ``rank_offset + tp_rank`` (model_runner_components/weight_updater.py), so a server takes
+        tp_size ranks; pipeline stages would share them and data-parallel replicas are refused
+        (tokenizer_control_mixin.py asserts dp_size == 1): such servers are an error here, named
+        before anything is sent."""
         sizes = []
-        for info in self.control.call("/server_info", method="GET", check_success=False):
-            sizes.append(int(info.get("tp_size", 1) or 1) * int(info.get("pp_size", 1) or 1))
+        infos = self.control.call("/server_info", method="GET", check_success=False)
+        for url, info in zip(self.control.urls, infos):
+            tp, pp, dp = (int(info.get(key, 1) or 1) for key in ("tp_size", "pp_size", "dp_size"))
+            if pp > 1 or dp > 1:
+                raise ValueError(
+                    f"{url}: the distributed weight-sync route needs servers with pp_size = dp_size = 1, this one "
+                    f"has pp_size {pp}, dp_size {dp} (SGLang {info.get('version', '?')} joins each worker as "
+                    f"rank_offset + tp_rank: pipeline stages would take the same ranks, and data-parallel "
+                    f"replicas are refused); use rollout.weight_sync = disk, or one server per replica")
+            sizes.append(tp)
         return sizes
 
     def _init_group(self):
