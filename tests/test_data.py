@@ -406,6 +406,21 @@ def test_synthetic_source():
     assert 0.0 < src.reward(p.answer[:1] + [EOS], "", p) < 1.0
 
 
+def test_synthetic_reward_credits_digits_by_position_and_length():
+    from megatron_vespo.train.tasks import DIGIT0, PAD, SyntheticTask
+
+    d = [DIGIT0 + i for i in range(10)]
+    answer = [d[3], d[2], d[1], EOS]  # reverse of 1 2 3
+    reward = SyntheticTask.reward
+    assert reward(answer, answer) == 1.0
+    assert reward([d[3], d[2], d[1]], answer) == 0.0  # never stops
+    assert reward([d[3], d[9], d[1], EOS], answer) == pytest.approx(0.5 * 2 / 3)  # a wrong middle digit
+    assert reward([d[3], PAD, d[1], EOS], answer) == pytest.approx(0.5 * 2 / 3)  # PAD is a wrong token
+    assert reward([d[3], d[2], EOS], answer) == pytest.approx(0.5 * 2 / 3 * 0.5)  # stopped one digit early
+    assert reward([d[3], d[2], d[1], d[0], EOS], answer) == pytest.approx(0.5 * 0.5)  # one digit too many
+    assert reward([EOS], answer) == 0.0
+
+
 def test_file_source_math_reward(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "what is the sum of 1 and 1", "gold": "1/2"}])
     data = DataSection(task="file", prompts_file=str(path), prompt_key="problem", answer_key="gold",

@@ -33,22 +33,25 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
 MODEL_REVISION = 2  # 2: every layer MoE, no pad_token_id (1 had a dense first layer and a zero PAD row)
 
 
-def _stamp(task_name: str, digits: tuple[int, int]) -> str:
-    text = json.dumps([MODEL_SETTINGS, WARM_START, task_name, list(digits), MODEL_REVISION], sort_keys=True)
+def _stamp(task_name: str, digits: tuple[int, int], warm_start: dict) -> str:
+    text = json.dumps([MODEL_SETTINGS, warm_start, task_name, list(digits), MODEL_REVISION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_model(directory: str, task_name: str = "reverse", log=print, digits: tuple[int, int] = (2, 6)) -> str:
+def build_model(directory: str, task_name: str = "reverse", log=print, digits: tuple[int, int] = (2, 6),
+                warm_start_steps: int | None = None) -> str:
     """Create (or reuse) the warm-started tiny Qwen3-MoE in ``directory`` for prompts of
-    ``digits`` = (min, max) digits."""
+    ``digits`` = (min, max) digits, after ``warm_start_steps`` supervised steps (default
+    WARM_START's)."""
+    warm = dict(WARM_START, steps=WARM_START["steps"] if warm_start_steps is None else warm_start_steps)
     import transformers as tf
 
     stamp_file = os.path.join(directory, "demo_stamp.txt")
-    stamp = _stamp(task_name, digits)
+    stamp = _stamp(task_name, digits, warm)
     if os.path.exists(stamp_file) and open(stamp_file).read().strip() == stamp:
         log(f"model: reusing {directory}")
         return directory
-    torch.manual_seed(WARM_START["seed"])
+    torch.manual_seed(warm["seed"])
     # pad_token_id stays unset: transformers would start that row at zero (nn.Embedding
     # padding_idx), a degenerate embedding for a token the engine can sample (check_embedding_rows)
     config = tf.Qwen3MoeConfig(vocab_size=tasks.SYNTHETIC_VOCAB, rms_norm_eps=1e-6, initializer_range=0.05,
@@ -58,15 +61,15 @@ def build_model(directory: str, task_name: str = "reverse", log=print, digits: t
     model = tf.Qwen3MoeForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: tiny Qwen3-MoE, {n_params / 1e6:.2f} M parameters, {config.num_experts} experts top-"
-        f"{config.num_experts_per_tok}; supervised warm start on '{task_name}' ({WARM_START['steps']} steps)")
+        f"{config.num_experts_per_tok}; supervised warm start on '{task_name}' ({warm['steps']} steps)")
     # a seed of its own: the warm start never sees the RL stream's prompts
     task = tasks.SyntheticTask(task_name, min_digits=digits[0], max_digits=digits[1], seed=10_000)
-    optimizer = torch.optim.Adam(model.parameters(), lr=WARM_START["lr"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=warm["lr"])
     start = time.perf_counter()
     uid = 0
-    for step in range(WARM_START["steps"]):
-        batch = [task.prompt(uid + i) for i in range(WARM_START["batch"])]
-        uid += WARM_START["batch"]
+    for step in range(warm["steps"]):
+        batch = [task.prompt(uid + i) for i in range(warm["batch"])]
+        uid += warm["batch"]
         loss = _supervised_loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
@@ -96,6 +99,8 @@ def _supervised_loss(model, batch) -> torch.Tensor:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--warm-start-steps", type=int, default=WARM_START["steps"],
+                        help="supervised steps before RL (the model is cached per setting)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
@@ -107,6 +112,7 @@ def main(args) -> int:
     if cfg.data.task != "synthetic":
         raise ValueError("the demo runs a synthetic task (data.task = synthetic)")
     build_model(cfg.model.hf_dir, cfg.data.synthetic_task, log=lambda m: print(m, file=sys.stderr, flush=True),
-                digits=(cfg.data.synthetic_min_digits, cfg.data.synthetic_max_digits))
+                digits=(cfg.data.synthetic_min_digits, cfg.data.synthetic_max_digits),
+                warm_start_steps=args.warm_start_steps)
     cfg.validate()
     return run_training(cfg)  # its last line of output: "run directory: PATH"

@@ -4,10 +4,10 @@ Synthetic tasks work on token ids directly (no tokenizer): ``PAD BOS EOS SEP`` t
 tokens. A prompt is ``BOS d1 .. dn SEP``; the answer is digits followed by EOS, of a length that
 varies with the prompt, so the policy must learn when to stop. PAD only pads batches (the demo's
 warm start); it is never part of an answer, so a PAD inside a response is a wrong token like any
-other (the answer is wrong from there on). The engine samples from the whole vocabulary, so the
+other (it matches no answer digit). The engine samples from the whole vocabulary, so the
 demo model embeds PAD like every other token (no zero padding row). The reward is 1 for an exact
-answer (EOS included), else the fraction of leading answer tokens that are right scaled by 0.5,
-so early learning has a gradient, and 0 for an answer that never stops.
+answer (EOS included), partial credit for the digits right at their positions (less when the
+number of digits is wrong), so early learning has a gradient, and 0 for an answer that never stops.
 """
 
 from __future__ import annotations
@@ -78,16 +78,18 @@ class SyntheticTask:
 
     @staticmethod
     def reward(response_ids: list[int], answer: list[int]) -> float:
+        """1 for the exact answer (EOS included); 0 for a response that never stops; otherwise
+        partial credit: 0.5 x the fraction of answer digits right at their positions, halved
+        again when the response has the wrong number of digits. Credit per position (not for a
+        correct prefix only) rewards each digit the policy gets right, and the length factor keeps
+        "stop after two digits" from paying as much as a full-length attempt."""
         if response_ids == answer:
             return 1.0
         if EOS not in response_ids:
             return 0.0
-        right = 0
-        for got, want in zip(response_ids, answer):
-            if got != want:
-                break
-            right += 1
-        return 0.5 * right / len(answer)
+        digits, wanted = response_ids[:response_ids.index(EOS)], answer[:-1]
+        right = sum(got == want for got, want in zip(digits, wanted))
+        return 0.5 * right / len(wanted) * (1.0 if len(digits) == len(wanted) else 0.5)
 
 
 def math_reward(response_text: str, answer: str) -> float:
