@@ -11,8 +11,8 @@ PANELS = (
     (("phi",), "phi (VESPO kernel, mean over sequences)", False),
     (("w_seq",), "W (sequence importance weight)", False),
     (("mismatch/abs_logp_diff",), "|log pi_old - log mu| (train vs engine)", False),
-    (("grad_norm",) + tuple(METRIC_PREFIX + g for g in GROUPS), "gradient norm (total and per group, before clipping)",
-     True),
+    (("grad_norm",) + tuple(METRIC_PREFIX + g for g in GROUPS),
+     "gradient norm (total and per group, before clipping; zeros left out)", True),
 )
 
 
@@ -28,7 +28,9 @@ def plot_run(history: list[dict], path: str) -> str:
     for ax, (keys, title, log_scale) in zip(axes.flat, PANELS):
         drawn = 0
         for key in keys:
-            points = [(s, row[key]) for s, row in zip(steps, history) if row.get(key) is not None]
+            # on a log scale a zero (a mini-batch whose advantages are all 0) is left out, not drawn
+            points = [(s, row[key]) for s, row in zip(steps, history)
+                      if row.get(key) is not None and (row[key] > 0 or not log_scale)]
             if not points:
                 continue
             label = key.removeprefix(METRIC_PREFIX) if key != "grad_norm" else "total"
