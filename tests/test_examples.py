@@ -581,7 +581,7 @@ def test_demo_config():
     # every answer (digits + EOS) fits the generation budget, so a right answer can be produced
     assert cfg.rollout.max_new_tokens >= cfg.data.synthetic_max_digits + 1
     assert cfg.rollout_samples % cfg.algorithm.staleness == 0 and cfg.rollout.group_size > 1
-    assert cfg.algorithm.staleness == 2 and (cfg.model.tp, cfg.model.pp, cfg.model.cp) == (1, 1, 1)
+    assert cfg.algorithm.staleness > 1 and (cfg.model.tp, cfg.model.pp, cfg.model.cp) == (1, 1, 1)  # off-policy steps
 
 
 def test_staleness_variants_differ_only_in_n():

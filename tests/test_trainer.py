@@ -48,7 +48,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="algorithm.staleness = 3 does not divide the rollout batch of 64"):
         load_config(CONFIG, ["algorithm.staleness=3", "rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate()
     with pytest.raises(ValueError, match="run.save_every = 3 must be a multiple of algorithm.staleness = 2"):
-        load_config(CONFIG, ["run.save_every=3"]).validate()
+        load_config(CONFIG, ["run.save_every=3", "algorithm.staleness=2"]).validate()
     with pytest.raises(ValueError, match="algorithm.kl_coef = 0.1: a KL penalty to a reference policy is not"):
         load_config(CONFIG, ["algorithm.kl_coef=0.1"]).validate()
     with pytest.raises(ValueError, match="rollout.weight_sync = 'ncl'"):
