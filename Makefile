@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo parity test install benchmark clean
+.PHONY: demo parity test install sglang-venv benchmark clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,28 @@ demo: $(STAMP)
 parity: $(STAMP)
 	$(PY) -m megatron_vespo parity --layouts "dp2,tp2,pp2,cp2,ep2" --losses vespo,grpo
 
+# Real SGLang 0.5.23 for the tests, in its own venv (it pins torch 2.14.1): CPU servers, with the
+# project's test-only stand-in for the compiled sgl_kernel and an allocator fix (tests/sglang_cpu).
+SGLANG_VENV := .venv-sglang
+SGLANG_REQS := tests/sglang_cpu/requirements.txt tests/sglang_cpu/constraints.txt
+SGLANG_STAMP := $(SGLANG_VENV)/.installed-$(shell cat $(SGLANG_REQS) | cksum | cut -d' ' -f1)
+
+$(SGLANG_STAMP): $(SGLANG_REQS)
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install --quiet -c tests/sglang_cpu/constraints.txt torch torchvision
+	$(SGLANG_VENV)/bin/python -m pip install --quiet --no-deps sglang==0.5.23
+	$(SGLANG_VENV)/bin/python -m pip install --quiet -c tests/sglang_cpu/constraints.txt -r tests/sglang_cpu/requirements.txt
+	rm -f $(SGLANG_VENV)/.installed-*
+	touch $(SGLANG_STAMP)
+
+sglang-venv: $(SGLANG_STAMP)
+
 # SGLang's own request/response schema (sglang/api/v1/api_types.py) is read from its wheel, not
 # installed: SGLang needs CUDA kernels. Without the wheel the tests use a recorded field list.
 SGLANG_WHEELS := .cache/wheels
 
-test: $(STAMP)
+test: $(STAMP) $(SGLANG_STAMP)
 	@ls $(SGLANG_WHEELS)/sglang-0.5.23-*.whl >/dev/null 2>&1 || \
 		$(PY) -m pip download --quiet --no-deps sglang==0.5.23 -d $(SGLANG_WHEELS) || \
 		echo "sglang 0.5.23 wheel not available: schema tests use the recorded field list"
@@ -41,4 +58,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/bench_hook.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info

@@ -415,6 +415,17 @@ def test_invalid_requests(engine):
         engine.submit(text="hello")
 
 
+def test_requests_longer_than_the_context_are_refused_as_sglang_does(engine, monkeypatch):
+    """SGLang 0.5.23 (tokenizer_manager.py, no --allow-auto-truncate) answers 400, it does not cap."""
+    monkeypatch.setattr(engine, "context_length", 12)
+    with pytest.raises(ValueError, match=r"maximum context length of 12 tokens. You requested a total of 14 "
+                                         r"tokens: 4 tokens from the input messages and 10 tokens"):
+        engine.submit(input_ids=[1, 2, 3, 4], sampling_params={"max_new_tokens": 10})
+    with pytest.raises(ValueError, match=r"The input \(12 tokens\) is longer than the model's context length"):
+        engine.submit(input_ids=list(range(1, 13)))
+    assert len(engine.generate([1, 2, 3, 4], {"max_new_tokens": 8, "ignore_eos": True})["output_ids"]) == 8
+
+
 # ----------------------------------------------------------------------------- abort / pause / flush
 LONG = {"max_new_tokens": 3000, "ignore_eos": True, "sampling_seed": 3}
 

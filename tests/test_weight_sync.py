@@ -1,48 +1,47 @@
-"""Weight sync Megatron-Core -> engine by every route that runs on CPU, from sharded trainers.
+"""Weight sync Megatron-Core -> engine by every route that runs on CPU, from sharded trainers, to
+the local engine and to a real SGLang 0.5.23 server (tests/engines.py).
 
-An engine process serves model A; trainers load model B (another random init) under tp2/ep2 and
-send it. Afterwards the engine's log-probs must equal transformers' forward of B (and differ from
-A's: the negative control) and every sample must carry the new weight version. NCCL (the cluster
-backend of the distributed route) and CUDA IPC (the tensor route) cannot run here; the same code
-runs with gloo, and the tensor route's payload format is checked."""
+An engine serves model A; trainers load model B (another random init) under several layouts and
+send it, then A again, and so on. After each sync the engine's log-probs must equal transformers'
+forward of the model just sent (and differ from the other one's: the negative control) and every
+sample must carry the new weight version. NCCL (the cluster backend of the distributed route) and
+CUDA IPC (the tensor route) cannot run here; the same code runs with gloo, and the tensor route's
+payload format is checked."""
 
-import json
-import os
-import pickle
 import base64
-import subprocess
-import sys
+import json
+import pickle
 
 import pytest
 import torch
 
-from megatron_vespo.rollout.client import ControlError, EngineControl, RolloutClient, wait_until_healthy
-from megatron_vespo.rollout.weight_sync import WeightSync, _free_port, serialize_named_tensors
-from tests.conftest import ROOT, _env, torchrun
+from megatron_vespo.rollout.client import ControlError, EngineControl, RolloutClient
+from megatron_vespo.rollout.weight_sync import WeightSync, serialize_named_tensors
+from tests.conftest import torchrun
+from tests.engines import ENGINES, start_cluster
 from tests.hf_models import make_hf_model
+
+TOLERANCE = 1e-4  # |engine - transformers| log-prob, fp32 on both sides
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("wsync")
-    make_hf_model("qwen3_moe", str(root / "a"), seed=0)
-    make_hf_model("qwen3_moe", str(root / "b"), seed=7)
+    # every layer MoE: SGLang 0.5.23 builds every Qwen3-MoE layer as MoE
+    make_hf_model("qwen3_moe", str(root / "a"), seed=0, dense_layers=())
+    make_hf_model("qwen3_moe", str(root / "b"), seed=7, dense_layers=())
     return root
 
 
-@pytest.fixture(scope="module")
-def engine(models):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_vespo", "serve-local", "--model", str(models / "a"),
-                             "--port", str(port), "--dtype", "float32"], env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(models, request, tmp_path_factory):
+    """A server of model A: the local engine, or real SGLang (both fp32)."""
+    cluster = start_cluster(request.param, models / "a", tmp_path_factory.mktemp(f"logs-{request.param}"),
+                            routed_experts=False)
     try:
-        wait_until_healthy([url], timeout_s=180, processes=[proc])
-        yield url
+        yield cluster.server_urls[0]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        cluster.stop()
 
 
 def engine_vs_hf(url, hf_dir):
@@ -65,18 +64,28 @@ def _sync(models, engine, route, layout, nproc, source, version, *extra):
     return json.loads(line.split(" ", 1)[1])
 
 
-def test_distributed_route_from_tp2_then_disk_route_from_ep2(models, engine):
+# (route, layout, processes): the distributed route from every trainer layout, then the disk route
+SYNCS = [("distributed", "single", 1), ("distributed", "tp2", 2), ("distributed", "pp2", 2),
+         ("distributed", "ep2", 2), ("disk", "ep2", 2)]
+
+
+def test_every_route_from_every_layout(models, engine):
     error_a, _ = engine_vs_hf(engine, models / "a")
-    assert error_a < 1e-4
-    report = _sync(models, engine, "distributed", "tp2", 2, "b", "v1")
-    assert report["buckets"] > 1 and report["bytes"] > 0  # 64 KiB buckets: several broadcasts
-    error_b, version = engine_vs_hf(engine, models / "b")
-    still_a, _ = engine_vs_hf(engine, models / "a")
-    assert error_b < 1e-4 and version == "v1" and still_a > 0.1
-    _sync(models, engine, "disk", "ep2", 2, "a", "v2", "--disk-dir", str(models / "disk"))
-    error_a, version = engine_vs_hf(engine, models / "a")
-    assert error_a < 1e-4 and version == "v2"
-    assert EngineControl([engine]).weight_versions() == ["v2"]
+    assert error_a < TOLERANCE
+    sent = "a"
+    for step, (route, layout, nproc) in enumerate(SYNCS, start=1):
+        sent = "b" if sent == "a" else "a"
+        other = "a" if sent == "b" else "b"
+        extra = ["--disk-dir", str(models / "disk")] if route == "disk" else []
+        report = _sync(models, engine, route, layout, nproc, sent, f"v{step}", *extra)
+        if route == "distributed":
+            assert report["buckets"] > 1 and report["bytes"] > 0  # 64 KiB buckets: several broadcasts
+        error, version = engine_vs_hf(engine, models / sent)
+        negative, _ = engine_vs_hf(engine, models / other)
+        where = f"{route} from {layout}"
+        assert error < TOLERANCE and version == f"v{step}", (where, error, version)
+        assert negative > 0.1, f"{where}: the engine still matches the model it had before"
+    assert EngineControl([engine]).weight_versions() == [f"v{len(SYNCS)}"]
     # the engine is not left paused: a fresh generation runs (engine_vs_hf just did)
 
 

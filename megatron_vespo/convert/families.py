@@ -66,7 +66,7 @@ def rope_theta(cfg: dict, family: str) -> float:
     return next(iter(values.values()))
 
 
-def _sparse_layers(cfg: dict, n_layers: int, family: str) -> tuple[int, ...]:
+def dense_layer_ids(cfg: dict, n_layers: int, family: str) -> tuple[int, ...]:
     """Dense layer ids of Qwen-style MoE: layer i is sparse iff not in mlp_only_layers and
     (i + 1) % decoder_sparse_step == 0."""
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
@@ -136,7 +136,7 @@ def model_config_from_hf(cfg: dict) -> MoEModelConfig:
         num_experts=experts,
         moe_router_topk=int(_require(cfg, "num_experts_per_tok", family)),
         moe_ffn_hidden_size=int(_require(cfg, "moe_intermediate_size", family)),
-        dense_layers=_sparse_layers(cfg, layers, family),
+        dense_layers=dense_layer_ids(cfg, layers, family),
         # norm_topk_prob=False: softmax over all experts, top-k probabilities not renormalised
         router_pre_softmax=not bool(cfg.get("norm_topk_prob", False)),
         qkv_bias=bool(cfg.get("qkv_bias", True)) if qwen2 else False,

@@ -479,6 +479,21 @@ def plan_servers(nodes: Sequence[str], gpus_per_node: int | None, *, tp_size: in
 # ---------------------------------------------------------------------------------------------
 
 
+def check_model_for_sglang(model: str) -> None:
+    """Refuse a local model SGLang would build wrongly without an error (protocol.unsupported_model_features);
+    a hub id or a directory without config.json is left to SGLang."""
+    from megatron_vespo.rollout.protocol import unsupported_model_features
+
+    config_file = os.path.join(model, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file) as f:
+        problems = unsupported_model_features(json.load(f))
+    if problems:
+        raise ValueError(f"{model}: SGLang cannot serve this model correctly: " + "; ".join(problems)
+                         + ". Serve it with --engine local, or convert it so that every layer is MoE")
+
+
 def default_bind_host(options: LaunchOptions, cluster: ClusterEnv) -> str:
     if options.host is not None:
         return options.host
@@ -712,6 +727,7 @@ class EngineCluster:
                                    gpus_per_node=options.gpus_per_node, default_host=loopback)
         gpus = cluster.gpus_per_node
         if options.engine == "sglang":
+            check_model_for_sglang(options.model)
             if gpus is None:
                 detected = detect_gpus()
                 if detected is not None:

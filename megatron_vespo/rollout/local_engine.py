@@ -258,14 +258,17 @@ class LocalEngine:
             raise ValueError(f"input_ids has token ids outside [0, {self.vocab_size}): {bad[:5]}")
         sampling = parse_sampling_params(sampling_params, self.vocab_size)
         prompt_len = len(input_ids)
-        if self.context_length is not None:
+        if self.context_length is not None:  # SGLang's checks and words (tokenizer_manager.py), no truncation
             if prompt_len >= self.context_length:
-                raise ValueError(f"prompt of {prompt_len} tokens does not fit the model's context length "
-                                 f"{self.context_length}")
-            if prompt_len + sampling.max_new_tokens > self.context_length:  # SGLang caps it the same way
-                capped = self.context_length - prompt_len
-                sampling = dataclasses.replace(sampling, max_new_tokens=capped,
-                                               min_new_tokens=min(sampling.min_new_tokens, capped))
+                raise ValueError(f"The input ({prompt_len} tokens) is longer than the model's context length "
+                                 f"({self.context_length} tokens).")
+            if prompt_len + sampling.max_new_tokens > self.context_length:
+                raise ValueError(
+                    f"Requested token count exceeds the model's maximum context length of {self.context_length} "
+                    f"tokens. You requested a total of {prompt_len + sampling.max_new_tokens} tokens: {prompt_len} "
+                    f"tokens from the input messages and {sampling.max_new_tokens} tokens for the completion. "
+                    f"Please reduce the number of tokens in the input messages or the completion to fit within "
+                    f"the limit.")
         for key, value in (("return_logprob", return_logprob), ("return_routed_experts", return_routed_experts),
                            ("return_text_in_logprobs", return_text_in_logprobs)):
             if not isinstance(value, bool):
@@ -326,6 +329,12 @@ class LocalEngine:
         """rid -> output tokens so far, for every request queued or running."""
         with self._lock:
             return {rid: len(r.output_ids) for rid, r in self._by_rid.items()}
+
+    def loads(self) -> dict[str, int]:
+        """Requests running in a batch now and waiting for one (SGLang's /v1/loads counts)."""
+        with self._lock:
+            running = sum(1 for r in self._running if not r.done)
+            return {"num_running_reqs": running, "num_waiting_reqs": len(self._by_rid) - running}
 
     # ------------------------------------------------------------------ control
     def abort(self, rid: str | None = None, abort_all: bool = False, message: str = "aborted by abort_request") -> int:

@@ -225,3 +225,41 @@ def parse_generate_response(answer: dict, prompt_len: int, vocab_size: int | Non
     return GenerateResult(rid=str(meta.get("id", "")), output_ids=list(output_ids), logprobs=logprobs,
                           routed_experts=routes, finish=finish, weight_version=meta.get("weight_version"),
                           meta=meta)
+
+
+# -- models SGLang builds wrongly without saying so --------------------------------------------------
+
+
+def unsupported_model_features(hf_config: dict, sglang_version: str | None = None) -> list[str]:
+    """Features of the model in ``hf_config`` (a config.json) that SGLang ``sglang_version``
+    (default: the one this module speaks) would serve wrongly without an error, named.
+
+    SGLang 0.5.23's ``models/qwen3_moe.py`` and ``models/qwen2_moe.py`` build every decoder layer
+    as MoE: ``mlp_only_layers`` and ``decoder_sparse_step`` are never read, so a dense layer gets an
+    MoE block with no expert weights loaded and every answer is NaN (token 0, log-prob null).
+    Released Qwen3-MoE / Qwen2-MoE checkpoints have no dense layer; a converted or cut-down one may."""
+    from megatron_vespo.convert.families import dense_layer_ids
+
+    version = sglang_version or SGLANG_VERSION
+    problems = []
+    model_type = hf_config.get("model_type")
+    if model_type in ("qwen3_moe", "qwen2_moe") and _version_tuple(version) <= (0, 5, 23):
+        layers = int(hf_config.get("num_hidden_layers") or 0)
+        dense = dense_layer_ids(hf_config, layers, model_type) if layers else ()
+        if dense:
+            problems.append(
+                f"{model_type} with dense layers {list(dense)} (mlp_only_layers = "
+                f"{hf_config.get('mlp_only_layers')}, decoder_sparse_step = {hf_config.get('decoder_sparse_step')}): "
+                f"SGLang {version} builds every {model_type} layer as MoE, so those layers would have no weights "
+                f"and every answer would be NaN")
+    return problems
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in str(version).split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)

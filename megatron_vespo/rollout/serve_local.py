@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import hmac
 import logging
 import signal
@@ -20,6 +21,7 @@ import threading
 import msgspec
 from aiohttp import web
 
+from megatron_vespo.rollout import protocol
 from megatron_vespo.rollout.local_engine import DEFAULT_GROUP_NAME, LocalEngine
 
 log = logging.getLogger("megatron_vespo.serve_local")
@@ -179,6 +181,11 @@ def create_app(engine: LocalEngine, api_key: str | None = None) -> web.Applicati
                                     "num_forwards": engine.num_forwards}]
         return _json(info)
 
+    async def loads(request):
+        # SGLang 0.5.23's /v1/loads (one entry per data-parallel rank), with the counts it reports
+        return _json({"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                      "version": protocol.SGLANG_VERSION, "loads": [{"dp_rank": 0, **engine.loads()}]})
+
     async def flush_cache(request):
         if engine.flush_cache():
             return web.Response(text="Cache flushed.\nPlease check backend logs for more details. (When there are "
@@ -261,7 +268,7 @@ def create_app(engine: LocalEngine, api_key: str | None = None) -> web.Applicati
         ("POST", "/generate", generate), ("PUT", "/generate", generate),
         ("GET", "/health", health), ("GET", "/health_generate", health_generate),
         ("GET", "/model_info", model_info), ("GET", "/get_model_info", model_info),
-        ("GET", "/server_info", server_info), ("GET", "/get_server_info", server_info),
+        ("GET", "/server_info", server_info), ("GET", "/get_server_info", server_info), ("GET", "/v1/loads", loads),
         ("GET", "/flush_cache", flush_cache), ("POST", "/flush_cache", flush_cache),
         ("POST", "/pause_generation", pause_generation), ("POST", "/continue_generation", continue_generation),
         ("POST", "/abort_request", abort_request),

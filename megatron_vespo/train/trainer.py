@@ -162,6 +162,7 @@ class Trainer:
                 wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
             except TimeoutError as err:
                 raise ConnectionError(f"rollout engine unreachable: {err}") from None
+            self._check_servers(EngineControl(servers, api_key=api_key))
         m = self.policy.m
         routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
         self.client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,
@@ -169,11 +170,22 @@ class Trainer:
                                     server_urls=servers)
         self.control = EngineControl(servers, api_key=api_key)
 
+    def _check_servers(self, control) -> None:
+        """Refuse SGLang servers that would serve this model wrongly without an error (a version that
+        ignores some of its layers), naming the server, its version and the feature."""
+        from megatron_vespo.rollout.protocol import unsupported_model_features
+
+        for url, info in zip(control.urls, control.call("/server_info", method="GET", check_success=False)):
+            problems = unsupported_model_features(self.policy.hf_config, info.get("version"))
+            if problems:
+                raise ValueError(f"{url} (SGLang {info.get('version', '?')}) cannot serve {self.cfg.model.hf_dir} "
+                                 f"correctly: " + "; ".join(problems))
+
     def _weight_sync(self):
         from megatron_vespo.rollout.weight_sync import WeightSync
 
         r = self.cfg.rollout
-        dtype = torch.bfloat16 if (r.engine == "sglang" or r.local_dtype == "bfloat16") else torch.float32
+        dtype = self._engine_dtype()
         return WeightSync(r.weight_sync, self.policy.m, control=getattr(self, "control", None),
                           engine=self.server.engine if self.server is not None else None,
                           bucket_bytes=r.weight_sync_bucket_mb * 2**20, dtype=dtype,
@@ -182,6 +194,28 @@ class Trainer:
                           backend="gloo" if r.engine == "local" else r.weight_sync_backend,
                           master_address=r.weight_sync_master_address or self._reachable_address(),
                           master_port=r.weight_sync_master_port)
+
+    def _engine_dtype(self) -> torch.dtype:
+        """The dtype the engine holds its weights in, so weight syncs send exactly that: the local
+        engine's setting, or what every SGLang server reports (/server_info dtype; "auto" is the
+        checkpoint's torch_dtype). Servers that disagree are an error."""
+        r = self.cfg.rollout
+        if r.engine == "local":
+            return torch.bfloat16 if r.local_dtype == "bfloat16" else torch.float32
+        names = None
+        if self.rank == 0:
+            names = set()
+            for info in self.control.call("/server_info", method="GET", check_success=False):
+                name = str(info.get("dtype") or "auto")
+                if name == "auto":
+                    name = str(self.policy.hf_config.get("torch_dtype") or self.policy.hf_config.get("dtype")
+                               or "bfloat16")
+                names.add({"bf16": "bfloat16", "half": "float16", "float": "float32", "fp32": "float32"}.get(name, name))
+            names = sorted(names)
+        names = comm.broadcast_object(names)
+        if len(names) != 1 or not isinstance(getattr(torch, names[0], None), torch.dtype):
+            raise ValueError(f"the rollout servers hold weights in {names}: weight sync needs one floating-point dtype")
+        return getattr(torch, names[0])
 
     def _reachable_address(self) -> str:
         """This host's address on the interface that routes to the first server (remote SGLang
