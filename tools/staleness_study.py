@@ -453,7 +453,7 @@ def write_table(rows: list[dict], path: str, k: int, final_eval: bool, n_seeds: 
         cells += [_cell(row, "phi_mean"), _cell(row, "w_seq_mean"), _cell(row, "kl_k3_median", 4),
                   _cell(row, "clip_frac_mean"), _cell(row, "bad_step_frac", 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nRewards are rollout-batch means (1 = exact answer, partial credit for a correct prefix). "
+    note = (f"\nRewards are rollout-batch means (1 = exact answer, partial credit for the digits right at their place). "
             f"'reward final' is the mean over the last {window} of the K = {k} training rollout batches; "
             f"'reward after' is rollout batch K+1, sampled from the policy after all K x N updates. "
             f"phi (VESPO only) and W (VESPO: exp of the summed sequence log-ratio, folded mismatch included; "
