@@ -637,7 +637,7 @@ def test_http_generate_single_and_batch(server, engine, schema):
     result = protocol.parse_generate_response(answer, len(PROMPTS[0]), engine.vocab_size, routing)
     assert result.rid == "h0" and len(result.output_ids) == 3 and result.finish.type == "length"
     assert set(answer["meta_info"]) >= {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                                        "weight_version", "e2e_latency"} and answer["text"] == ""
+                                        "weight_version", "e2e_latency"} and "text" not in answer  # no tokenizer
     direct = engine.generate(PROMPTS[0], single["sampling_params"], return_logprob=True)
     assert direct["output_ids"] == result.output_ids
     batch = {"input_ids": PROMPTS[:3], "rid": ["b0", "b1", "b2"], "return_logprob": [True, False, True],

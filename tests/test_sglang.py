@@ -173,8 +173,11 @@ def test_the_local_engine_answers_as_real_sglang(servers, what, body):
     if status != 200:
         return
     assert local["output_ids"] == real["output_ids"], what
+    assert set(local) == set(real), what  # no "text" without a tokenizer
     meta, local_meta = real["meta_info"], local["meta_info"]
+    assert set(local_meta) == set(meta), (what, set(local_meta) ^ set(meta))
     assert local_meta["finish_reason"] == meta["finish_reason"], what
+    assert local_meta["weight_versions"] == meta["weight_versions"], what
     for key in ("prompt_tokens", "completion_tokens", "weight_version"):
         assert local_meta[key] == meta[key], (what, key)
     for key in ("output_token_logprobs", "input_token_logprobs"):

@@ -683,25 +683,25 @@ class LocalEngine:
     def _answer(self, r: _Request) -> dict:
         out = list(r.output_ids)
         prompt_len, n_out = len(r.input_ids), len(out)
-        text = ""
+        text = None
         if self.tokenizer is not None:
             shown = out
             if (r.finish.type == "stop" and isinstance(r.finish.matched, int) and not r.sampling.no_stop_trim
                     and shown):
                 shown = shown[:-1]  # SGLang trims the matched stop token from the text, not from output_ids
             text = self.tokenizer.decode(shown, skip_special_tokens=r.sampling.skip_special_tokens)
+        # the fields SGLang 0.5.23 answers with (those of features this engine lacks at their idle values)
         meta = {"id": r.rid, "finish_reason": r.finish.to_json(), "prompt_tokens": prompt_len,
-                "weight_version": self.weight_version, "completion_tokens": n_out, "cached_tokens": 0}
-        if r.version_events:
-            spans = _version_spans(r.version_events, self.weight_version, n_out)
-            spans = [s for s in spans if s["start"] < n_out or s["start"] == 0]
-            meta["weight_versions"] = spans
-            meta["weight_version"] = spans[-1]["version"]
+                "weight_version": self.weight_version, "num_retractions": 0, "completion_tokens": n_out,
+                "reasoning_tokens": 0, "cached_tokens": 0, "cached_tokens_details": None, "dp_rank": None}
+        spans = _version_spans(r.version_events, self.weight_version, n_out)
+        meta["weight_versions"] = [s for s in spans if s["start"] < n_out or s["start"] == 0]
+        meta["weight_version"] = meta["weight_versions"][-1]["version"]
         if r.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, self._token_text(r, t)]
                                              for lp, t in zip(r.output_logprobs, out)]
-            if r.logprob_start_len >= 0:
-                meta["input_token_logprobs"] = r.input_logprobs or []
+            meta["output_token_logprobs_length"] = n_out
+            meta["input_token_logprobs"] = (r.input_logprobs or []) if r.logprob_start_len >= 0 else []
         if r.return_routed_experts:
             rows = prompt_len + n_out - 1  # the last sampled token never ran through the model
             routes = torch.cat(r.routes) if r.routes else None
@@ -711,6 +711,9 @@ class LocalEngine:
             else:  # aborted before its prefill ran
                 meta["routed_experts"] = None
         meta["e2e_latency"] = time.perf_counter() - r.created
+        meta["response_sent_to_client_ts"] = time.time()
+        if self.tokenizer is None:  # SGLang with --skip-tokenizer-init answers no text
+            return {"output_ids": out, "meta_info": meta}
         return {"text": text, "output_ids": out, "meta_info": meta}
 
     # ------------------------------------------------------------------ weights
