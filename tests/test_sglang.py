@@ -372,6 +372,9 @@ def test_the_mismatch_command_against_real_sglang(demo_server, tmp_path):
     from tests.conftest import run_cli
 
     model_dir, url = demo_server
+    # The module's trainer test may have synced trained weights into this server: serve the start again.
+    status, answer = post(url, "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": "v0"})
+    assert status == 200 and answer["success"], answer
     proc = run_cli("mismatch", "--engine", url, "--model", model_dir, "--prompts", "synthetic:reverse", "--n", "4",
                    "--num-prompts", "8", "--max-new-tokens", "6", "--r3", "--out", str(tmp_path / "out"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,8 +42,10 @@ class RoutedReference(ReferenceMoE):
         super().__init__(m, state)
         self.routes_by_sample = routes_by_sample
 
-    def response_logprobs(self, sample, temperature=1.0):
-        return super().response_logprobs(sample, temperature, routes=self.routes_by_sample.get(id(sample)))
+    def response_logprobs(self, sample, temperature=1.0, routes=None):
+        if routes is None:
+            routes = self.routes_by_sample.get(id(sample))
+        return super().response_logprobs(sample, temperature, routes)
 
 
 def reference(samples, micro_batches, cfg, routes=None):
