@@ -12,7 +12,7 @@ way; packed (THD) batches split every packed sequence that way (as TransformerEn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -131,6 +131,16 @@ class MicroBatch:
     @property
     def n_seq(self) -> int:
         return int(self.advantages.numel())
+
+    def to(self, device) -> "MicroBatch":
+        """This micro-batch with every tensor on ``device``: batches are built on the host, the
+        model may live on a GPU (TransformerEngine's THD attention wants cu_seqlens there too)."""
+        device = torch.device(device)
+        if self.tokens.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
     def packed_seq_params(self) -> PackedSeqParams | None:
         if self.fmt != "packed":

@@ -190,18 +190,56 @@ def _extreme(values: torch.Tensor, reduce, scale: float) -> torch.Tensor:
     return _pair(value, values.numel() * scale)
 
 
+def model_device(model) -> torch.device:
+    """Where a model chunk's parameters live; micro-batches, built on the host, are moved there."""
+    return next(model.parameters()).device
+
+
 def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
                       chunk_tokens: int | None = None):
     """``forward_step_func`` for ``get_forward_backward_func()``; the iterator yields CP-local MicroBatches."""
     cfg.validate()
 
     def forward_step(data_iterator, model):
-        mb: MicroBatch = next(data_iterator)
+        mb: MicroBatch = next(data_iterator).to(model_device(model))
         hook_groups = groups or HookGroups.from_parallel_state()
         output = model(
             mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params()
         )
         return output, functools.partial(_loss_func, mb, cfg, hook_groups, chunk_tokens)
+
+    return forward_step
+
+
+def make_scoring_step(on_logprobs, temperature: float = 1.0, groups: HookGroups | None = None,
+                      before_model=None, after_model=None):
+    """A forward-only ``forward_step_func`` that scores, the one every scoring pass uses (pi_old,
+    ``score``, the mismatch study): the fp32 log-probs of the micro-batch's response tokens at
+    ``temperature`` (vocab-parallel; the vocabulary is never gathered) are handed to
+    ``on_logprobs(mb, rows, logp)`` on the last pipeline stage, on every TP rank, where ``rows``
+    index the flattened micro-batch (on the model's device). ``before_model(model, host_mb)`` /
+    ``after_model(model)`` run around the model call (routing replay, which reads the batch as
+    built, on the host). The loss it returns is a zero: nothing is trained."""
+
+    def forward_step(data_iterator, model):
+        host: MicroBatch = next(data_iterator)
+        mb = host.to(model_device(model))
+        hook_groups = groups or HookGroups.from_parallel_state()
+        if before_model is not None:
+            before_model(model, host)
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+        if after_model is not None:
+            after_model(model)
+
+        def loss_func(logits):
+            rows = mb.loss_mask.reshape(-1).nonzero().squeeze(1)
+            logp, _ = vocab_parallel_logprobs(
+                logits.reshape(-1, logits.shape[-1]), rows, mb.labels.reshape(-1)[rows],
+                vocab_start=hook_groups.tp_rank * logits.shape[-1], temperature=temperature, group=hook_groups.tp)
+            on_logprobs(mb, rows, logp.detach())
+            return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {}
+
+        return output, loss_func
 
     return forward_step
 

@@ -81,15 +81,15 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
     return copied
 
 
-def _build(m, layout):
+def _build(m, layout, params_dtype: torch.dtype = torch.float32):
     from megatron_vespo.mcore.model import build_gpt_model, transformer_config
     from megatron_vespo.mcore.weights import ShardContext
 
-    gpt = build_gpt_model(m, transformer_config(m, layout))
+    gpt = build_gpt_model(m, transformer_config(m, layout, params_dtype=params_dtype))
     return gpt, ShardContext.from_model(gpt, m)
 
 
-def load_from_hf(hf_dir: str, layout):
+def load_from_hf(hf_dir: str, layout, params_dtype: torch.dtype = torch.float32):
     """(model config, Megatron model of this rank loaded from HF safetensors, bytes read)."""
     from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
     from megatron_vespo.mcore.weights import SafetensorsSource, load_hf_state
@@ -97,7 +97,7 @@ def load_from_hf(hf_dir: str, layout):
     hf_config = load_hf_config(hf_dir)
     m = model_config_from_hf(hf_config)
     m.check_layout(layout)
-    gpt, ctx = _build(m, layout)
+    gpt, ctx = _build(m, layout, params_dtype)
     source = SafetensorsSource(hf_dir)
     with _progress(len(list(gpt.parameters())), "load") as bar:
         load_hf_state(gpt, source, ctx, progress=bar.update)
@@ -182,11 +182,13 @@ def mcore_to_hf(args, layout) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_vespo.convert.export import plan_buckets, save_hf_checkpoint
+    from megatron_vespo.mcore.checkpoint_keys import align_keys_to_checkpoint
 
     m, hf_config, directory, state_path, side_files = checkpoint_source(args.ckpt, args.base_model)
     m.check_layout(layout)
     gpt, _ = _build(m, layout)
     request = gpt.sharded_state_dict()
+    align_keys_to_checkpoint(request, directory)  # saved under the other layer spec (TE <-> local)
     for key in reversed(state_path):
         request = {key: request}
     state = dist_checkpointing.load(request, directory)
@@ -242,37 +244,22 @@ def score_mcore(args, layout) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_vespo.logprobs import vocab_parallel_logprobs
+    from megatron_vespo.batch import Sample, build_micro_batch
+    from megatron_vespo.hook import make_scoring_step
 
-    m, _, gpt, _ = load_from_hf(args.model, layout)
+    m, _, gpt, _ = load_from_hf(args.model, layout, {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
     inputs = read_score_inputs(args.input, m.vocab_size)
     gpt.eval()
-    tp_group, tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
     results = []
-
-    def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        out = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)
-
-        def loss_func(logits):
-            vocab_local = logits.shape[-1]
-            n = lengths[-1] - 1
-            logp, _ = vocab_parallel_logprobs(logits[0], torch.arange(n), tokens[0, 1:n + 1],
-                                              vocab_start=tp_rank * vocab_local, group=tp_group)
-            results.append(logp.tolist())
-            return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {}
-
-        return out, loss_func
-
-    lengths = []
+    forward_step = make_scoring_step(lambda mb, rows, logp: results.append(logp.float().cpu().tolist()))
     with torch.no_grad():
         for ids in inputs:
-            # sequence parallelism splits the tokens over TP: pad at the end (causal: no effect)
-            padded = -(-len(ids) // layout.tp) * layout.tp
-            tokens = torch.tensor([ids + [0] * (padded - len(ids))])
-            lengths.append(len(ids))
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=[gpt],
-                                        num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1,
+            # every next token is scored: a "response" from position 1; sequence parallelism splits
+            # the tokens over TP, so the packed sequence is padded to a multiple of tp at its end
+            sample = Sample(tokens=torch.tensor(ids), prompt_len=1, advantage=0.0, old_logprobs=None)
+            mb = build_micro_batch([sample], "packed", 1, layout.tp)
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([mb]), model=[gpt],
+                                        num_microbatches=1, seq_length=mb.tokens.shape[1], micro_batch_size=1,
                                         forward_only=True)
     # the last pipeline stage has the results; send them to global rank 0, which prints
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -313,6 +300,8 @@ def add_commands(sub) -> None:
     score.add_argument("--model", required=True, help="Hugging Face model directory")
     score.add_argument("--backend", choices=["mcore", "hf"], default="mcore")
     score.add_argument("--input", required=True, help='JSONL: {"input_ids": [...]} per line')
+    score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="the Megatron model's parameter dtype (mcore backend)")
     add_layout_arguments(score)
     score.set_defaults(func=lambda args: score_hf(args) if args.backend == "hf"
                        else run_distributed(args, args.argv, score_mcore, check_hf_layout))

@@ -92,26 +92,32 @@ class ContextParallelLocalAttention(MegatronModule):
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
         local_len = query.shape[0]
-        q_pos, q_seg = _positions_and_segments(local_len, cu, cp_size, cp_rank)
+        # positions and segments are worked out on the host (from cu_seqlens, no device sync per
+        # sequence); what indexes or masks the scores is moved to where they live
+        q_pos, q_seg = _positions_and_segments(local_len, cu.cpu() if cu is not None else None, cp_size, cp_rank)
         key = comm.all_gather_first_dim_with_grad(key, self.cp_group)
         value = comm.all_gather_first_dim_with_grad(value, self.cp_group)
-        kv = [_positions_and_segments(local_len, cu, cp_size, r) for r in range(cp_size)]
+        kv = [_positions_and_segments(local_len, cu.cpu() if cu is not None else None, cp_size, r)
+              for r in range(cp_size)]
         k_pos = torch.cat([p for p, _ in kv])
         k_seg = torch.cat([s for _, s in kv])
+        device = query.device
         repeat = self.heads // self.groups
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
             value = value.repeat_interleave(repeat, dim=2)
         if not thd:
-            context = self._attend(query, key, value, q_pos, k_pos)
+            context = self._attend(query, key, value, q_pos.to(device), k_pos.to(device))
         else:
             # one sequence at a time: cost sum_i L_i^2, not (sum_i L_i)^2
             pieces = []
             for seg in range(int(q_seg.max()) + 1 if q_seg.numel() else 0):
                 q_idx = (q_seg == seg).nonzero().squeeze(1)
                 k_idx = (k_seg == seg).nonzero().squeeze(1)
-                pieces.append(self._attend(query.index_select(0, q_idx), key.index_select(0, k_idx),
-                                           value.index_select(0, k_idx), q_pos[q_idx], k_pos[k_idx]))
+                q_on, k_on = q_idx.to(device), k_idx.to(device)
+                pieces.append(self._attend(query.index_select(0, q_on), key.index_select(0, k_on),
+                                           value.index_select(0, k_on), q_pos[q_idx].to(device),
+                                           k_pos[k_idx].to(device)))
             context = torch.cat(pieces, dim=0)
         if thd:
             context = context.squeeze(1)

@@ -1,6 +1,8 @@
 """Make Megatron-Core 0.16.1 run on a CPU-only PyTorch build with gloo.
 
-Applied by :func:`apply_cpu_patches` only when CUDA is absent; on a GPU nothing here is touched.
+Applied by :func:`apply_cpu_patches` only when CUDA is absent. On a GPU without TransformerEngine
+(the local spec) :func:`apply_local_spec_patches` applies the two that the local spec needs on any
+device (``te_general_gemm``, ``sequence_parallel_torch_norm``); nothing else is touched.
 Every patch is small, named, and states the Megatron file it answers to (paths relative to
 ``megatron/core/``). ``tests/test_cpu_patches.py`` covers each one.
 
@@ -207,7 +209,8 @@ def _patch_sequence_parallel_torch_norm() -> None:
             raise ValueError(f"normalization {config.normalization!r} is not supported on CPU")
         if config.layernorm_zero_centered_gamma:
             raise ValueError("layernorm_zero_centered_gamma is not supported by torch norms")
-        norm = norms[config.normalization](hidden_size, eps=eps, dtype=config.params_dtype)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        norm = norms[config.normalization](hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         for param in norm.parameters():
             # Under sequence parallelism each TP rank sees other tokens (or, for q/k norms,
             # other heads): finalize_model_grads sums grads of params tagged like this over TP.
@@ -232,16 +235,36 @@ def cpu_patches_needed() -> bool:
     return not torch.cuda.is_available()
 
 
+# Needed wherever the local spec runs without TransformerEngine, GPUs included: Megatron's router
+# names te_general_gemm whether or not TE imported, and its local norm refuses sequence parallelism.
+LOCAL_SPEC_PATCHES = ("te_general_gemm", "sequence_parallel_torch_norm")
+
+
+def apply_local_spec_patches() -> list[str]:
+    """On a machine without TransformerEngine (GPU or not), the patches the local spec needs;
+    idempotent. Returns the names applied (none when TE is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return []
+    for name in LOCAL_SPEC_PATCHES:
+        if name not in _APPLIED:
+            _PATCHES[name]()
+            _APPLIED.append(name)
+    return [name for name in LOCAL_SPEC_PATCHES if name in _APPLIED]
+
+
 def apply_cpu_patches(force: bool = False) -> list[str]:
     """Apply every patch once (idempotent) when CUDA is absent; return the names applied."""
     global _MODE
     if not (force or cpu_patches_needed()):
         return []
-    if _APPLIED:
+    if _MODE is not None:
         return list(_APPLIED)
     for name, patch in _PATCHES.items():
-        patch()
-        _APPLIED.append(name)
+        if name not in _APPLIED:
+            patch()
+            _APPLIED.append(name)
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # stays active for the life of the process
     _APPLIED.append("cuda_to_cpu_mode")

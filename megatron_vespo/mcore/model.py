@@ -13,6 +13,7 @@ them, naming the setting:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,19 @@ def transformer_engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# auto (TE when it is importable on a GPU), local, or te: to compare the two specs on one machine
+LAYER_SPEC_ENV = "MEGATRON_VESPO_LAYER_SPEC"
+
+
+def use_transformer_engine() -> bool:
+    choice = os.environ.get(LAYER_SPEC_ENV, "auto")
+    if choice not in ("auto", "local", "te"):
+        raise ValueError(f"{LAYER_SPEC_ENV}={choice!r}: choose auto, local or te")
+    if choice == "te" and not transformer_engine_available():
+        raise ValueError(f"{LAYER_SPEC_ENV}=te needs TransformerEngine importable and a GPU")
+    return choice != "local" and transformer_engine_available()
 
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "qwen3", "llama")
@@ -119,7 +133,7 @@ def transformer_config(
         raise ValueError("add_bias_linear=True is not supported with MoE layers; leave it False")
     if layout.tp > 1 and overrides.get("sequence_parallel") is False and model.is_moe:
         raise ValueError(f"sequence_parallel=False contradicts tp={layout.tp} with MoE: MoELayer requires it")
-    te = transformer_engine_available()
+    te = use_transformer_engine()
     settings = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -188,13 +202,25 @@ def layer_spec(config, vp_stage: int | None = None):
 
     from megatron_vespo.mcore.attention import ContextParallelLocalAttention
 
-    use_te = transformer_engine_available()
+    use_te = use_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
     if not use_te:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
         for layer in spec.layer_specs:
             layer.submodules.self_attention.submodules.core_attention = ContextParallelLocalAttention
+        # With apex installed, gpt_layer_specs.py picks apex's FusedLayerNorm for the final norm
+        # (its module-level LNImpl), which refuses RMSNorm; the layers' norms are already torch's.
+        spec.layer_norm = WrappedTorchNorm
     return spec
+
+
+def parameter_device() -> torch.device:
+    """Where the model's parameters live: this process's GPU, or the host."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def build_gpt_model(model: MoEModelConfig, config, vp_stage: int | None = None):
@@ -218,6 +244,11 @@ def build_gpt_model(model: MoEModelConfig, config, vp_stage: int | None = None):
         rotary_base=int(model.rope_theta),
         vp_stage=vp_stage,
     )
+    # Megatron creates some parameters on the host whatever the config says (the router's gate,
+    # transformer/moe/router.py, moves its .data to the GPU at its first forward, after DDP has
+    # hooked the host parameter: its gradient never reached main_grad). Megatron's own get_model
+    # (training.py) moves the whole model before wrapping it; so do we.
+    gpt.to(parameter_device())
     if gpt.pre_process and model.padding_idx is not None:
         freeze_padding_row(gpt.embedding.word_embeddings, model.padding_idx)
     return gpt

@@ -100,6 +100,14 @@ class Layout:
 def init_distributed(backend: str | None = None) -> None:
     """Initialise torch.distributed from torchrun's environment (or as a single process)."""
     if dist.is_initialized():
+        # set up by someone else: host tensors (object broadcasts, metrics, export buckets, route
+        # gathers) need a CPU backend in the default group; a plain "nccl" group fails on the first
+        # of them ("No backend type associated with device type cpu") at world size > 1
+        config = str(dist.get_backend_config())
+        if dist.get_world_size() > 1 and "cpu:" not in config and config != "gloo":
+            raise RuntimeError(f"torch.distributed was initialised with backend {config!r}, which has no CPU "
+                               "backend; initialise it with backend='cpu:gloo,cuda:nccl' (or let megatron_vespo "
+                               "do it)")
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # one process: any free port (parallel runs must not collide)
@@ -112,8 +120,10 @@ def init_distributed(backend: str | None = None) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        # on GPUs CUDA tensors go through NCCL and host tensors (object broadcasts, metrics, export
+        # buckets, route gathers) through gloo; plain "nccl" rejects a CPU tensor at world size > 1
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend)
 
@@ -122,9 +132,10 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
     """Create Megatron's process groups for ``layout`` and seed its RNG tracker."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_vespo.mcore.cpu import apply_cpu_patches
+    from megatron_vespo.mcore.cpu import apply_cpu_patches, apply_local_spec_patches
 
     apply_cpu_patches()
+    apply_local_spec_patches()
     init_distributed()
     layout.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():

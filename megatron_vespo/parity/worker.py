@@ -76,8 +76,10 @@ def swap_two_experts(state: dict[str, torch.Tensor], m: MoEModelConfig) -> None:
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = (actual.double() - expected.double()).norm().item()
-    scale = expected.double().norm().item()
+    """|actual - expected| / |expected|, compared on the host (a GPU gradient against the CPU reference)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (actual - expected).norm().item()
+    scale = expected.norm().item()
     if scale < 1e-12:
         return 0.0 if diff < 1e-12 else math.inf
     return diff / scale

@@ -139,41 +139,30 @@ class Policy:
         """Per-sample log-probs of the response tokens under the current weights (fp32, at the
         rollout temperature), on every rank. ``routes``: "record" (R2: keep the routes the routers
         choose, for replay in training) or "replay" (R3: route as ``self.routes``)."""
-        from megatron_vespo.hook import HookGroups
-        from megatron_vespo.logprobs import vocab_parallel_logprobs
+        from megatron_vespo.hook import HookGroups, make_scoring_step
 
         ids = list(range(len(samples)))
         micro_batches, groups = self._micro_batches(samples, ids, self._num_microbatches(len(samples)))
         prompt_len = {i: samples[i].prompt_len for i in ids}
         pieces = []  # (sample id, response positions, values) from the last stage, TP rank 0
         hook_groups = HookGroups.from_parallel_state()
-        temperature = self.loss_cfg.temperature
 
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            if routes is not None:
-                self.replay.begin_microbatch(model, mb)
-            output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
-            if routes is not None:
-                self.replay.end_microbatch(model)
+        def keep(mb, rows, logp):
+            if hook_groups.tp_rank != 0:
+                return
+            seq = mb.seq_index.reshape(-1)[rows].cpu()
+            pos = mb.position_ids.reshape(-1)[rows].cpu()
+            logp = logp.float().cpu()
+            for local in seq.unique().tolist():
+                sample = mb.sample_ids[local]
+                take = seq == local
+                pieces.append((sample, (pos[take] + 1 - prompt_len[sample]).tolist(), logp[take].tolist()))
 
-            def loss_func(logits):
-                rows = mb.loss_mask.reshape(-1).nonzero().squeeze(1)
-                logp, _ = vocab_parallel_logprobs(
-                    logits.reshape(-1, logits.shape[-1]), rows, mb.labels.reshape(-1)[rows],
-                    vocab_start=hook_groups.tp_rank * logits.shape[-1], temperature=temperature,
-                    group=hook_groups.tp)
-                if hook_groups.tp_rank == 0:
-                    seq = mb.seq_index.reshape(-1)[rows]
-                    pos = mb.position_ids.reshape(-1)[rows]
-                    for local in seq.unique().tolist():
-                        sample = mb.sample_ids[local]
-                        take = seq == local
-                        pieces.append((sample, (pos[take] + 1 - prompt_len[sample]).tolist(),
-                                       logp.detach()[take].float().tolist()))
-                return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {}
-
-            return output, loss_func
+        replaying = routes is not None
+        forward_step = make_scoring_step(
+            keep, temperature=self.loss_cfg.temperature, groups=hook_groups,
+            before_model=self.replay.begin_microbatch if replaying else None,
+            after_model=self.replay.end_microbatch if replaying else None)
 
         for chunk in self.models:
             chunk.eval()
@@ -244,15 +233,19 @@ class Policy:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _sharded_state(self, is_loading: bool = False):
+    def _sharded_state(self, load_from: str | None = None):
+        from megatron_vespo.mcore.checkpoint_keys import align_keys_to_checkpoint
+
         model_state = {}
         for i, chunk in enumerate(self.chunks):
             model_state[f"model{i}"] = chunk.sharded_state_dict()
+        if load_from is not None:  # a checkpoint of the other layer spec (TE <-> local) reads too
+            align_keys_to_checkpoint(model_state, load_from)
         # the optimizer's sharded state refers to the model's sharded tensors (any nesting: virtual
         # pipeline chunks share local key names, so they stay apart); loading: Megatron first
         # creates the Adam moments, so the checkpoint has tensors to fill
         return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=load_from is not None)}
 
     def save(self, directory: str, trainer_state: dict) -> None:
         """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""
@@ -282,7 +275,8 @@ class Policy:
         from megatron.core import dist_checkpointing, tensor_parallel
 
         rank = torch.distributed.get_rank()
-        state = dist_checkpointing.load(self._sharded_state(is_loading=True), os.path.join(directory, "mcore"))
+        mcore_dir = os.path.join(directory, "mcore")
+        state = dist_checkpointing.load(self._sharded_state(load_from=mcore_dir), mcore_dir)
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(state["model"][f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
