@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_vespo.rollout.client import ControlError, EngineControl, RolloutClient
-from megatron_vespo.rollout.weight_sync import WeightSync, serialize_named_tensors
+from megatron_vespo.rollout.weight_sync import WeightSync, serialize_named_tensors, tensor_route_bodies
 from tests.conftest import torchrun
 from tests.engines import ENGINES, start_cluster
 from tests.hf_models import make_hf_model
@@ -112,6 +112,52 @@ def test_tensor_route_payload_is_sglangs_serializer_format():
     restored = pickle.loads(base64.b64decode(payload))
     assert [n for n, _ in restored] == [n for n, _ in tensors]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(restored, tensors))
+
+
+def test_tensor_route_sends_each_server_one_serialisation_per_tp_rank():
+    """SGLang's TP rank r deserialises entry r (tp_worker.py: deserialize_own_rank): a TP-2 server
+    given one entry failed with IndexError on rank 1; and each rank needs its own serialisation
+    (torch counts CUDA-IPC handles per serialisation, producer side)."""
+    tensors = [("model.norm.weight", torch.arange(4.0))]
+    calls = []
+    import megatron_vespo.rollout.weight_sync as ws
+
+    original = ws.serialize_named_tensors
+    ws.serialize_named_tensors = lambda bucket: calls.append(bucket) or original(bucket)
+    try:
+        bodies = tensor_route_bodies(tensors, [1, 2, 4], "v3")
+    finally:
+        ws.serialize_named_tensors = original
+    assert [len(b["serialized_named_tensors"]) for b in bodies] == [1, 2, 4] and len(calls) == 7
+    for body in bodies:
+        assert body["weight_version"] == "v3" and body["flush_cache"] is True
+        for entry in body["serialized_named_tensors"]:
+            restored = pickle.loads(base64.b64decode(entry))
+            assert restored[0][0] == "model.norm.weight" and torch.equal(restored[0][1], tensors[0][1])
+    assert all("weight_version" not in b and b["flush_cache"] is False for b in tensor_route_bodies(tensors, [2], None))
+
+
+def test_tensor_route_names_the_gpu_by_uuid(monkeypatch):
+    """SGLang's own senders rewrite the CUDA rebuild's device index to the GPU's UUID (a server
+    with other CUDA_VISIBLE_DEVICES numbers GPUs differently); ours does the same. A CPU cannot
+    make a CUDA-IPC handle: torch's reduction is stood in for, with the argument layout of
+    torch/multiprocessing/reductions.py (device index at argument 6)."""
+    import types
+
+    from torch.multiprocessing import reductions
+
+    import megatron_vespo.rollout.weight_sync as ws
+
+    args = ("Tensor", (2,), (1,), 0, "Storage", torch.float32, 3, b"handle", 8, 0, b"ref", 0, b"event", False)
+    monkeypatch.setattr(reductions, "reduce_tensor", lambda tensor: (reductions.rebuild_cuda_tensor, args))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(uuid=f"GPU-{index}-uuid"))
+    cuda_tensor = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=3))
+    rebuild, out = ws._reduce_cuda_tensor_by_uuid(cuda_tensor)
+    assert rebuild is reductions.rebuild_cuda_tensor
+    assert out[6] == "GPU-3-uuid" and out[:6] == args[:6] and out[7:] == args[7:]
+    cuda_tensor.device.index = 1  # the layout no longer matches: refuse rather than send a wrong device
+    with pytest.raises(RuntimeError, match="reduction changed shape"):
+        ws._reduce_cuda_tensor_by_uuid(cuda_tensor)
 
 
 def test_bad_routes_and_missing_settings_are_named():

@@ -40,13 +40,55 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# torch.multiprocessing.reductions.reduce_tensor: the CUDA rebuild's argument naming the device
+_CUDA_REBUILD_DEVICE_ARG = 6
+
+
+def _reduce_cuda_tensor_by_uuid(tensor: torch.Tensor):
+    """torch's CUDA-IPC reduction of ``tensor`` with its device named by UUID instead of index: a
+    server started with other CUDA_VISIBLE_DEVICES numbers the GPUs differently. SGLang's receiver
+    takes an index or a UUID (srt/utils/patch_torch.py, applied before every rank deserialises)."""
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if not tensor.is_cuda:
+        return rebuild, args
+    if rebuild is not reductions.rebuild_cuda_tensor or args[_CUDA_REBUILD_DEVICE_ARG] != tensor.device.index:
+        raise RuntimeError("torch's CUDA tensor reduction changed shape (expected rebuild_cuda_tensor with the "
+                           f"device index at argument {_CUDA_REBUILD_DEVICE_ARG}); the tensor route cannot name "
+                           "the device by UUID")
+    uuid = str(torch.cuda.get_device_properties(tensor.device.index).uuid)
+    return rebuild, (*args[:_CUDA_REBUILD_DEVICE_ARG], uuid, *args[_CUDA_REBUILD_DEVICE_ARG + 1:])
+
+
 def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)``: ForkingPickler, base64."""
+    """SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` (ForkingPickler,
+    base64), CUDA devices named by UUID. Each call is one set of CUDA-IPC handles, counted once by
+    torch's producer-side reference counting: one call per receiving process."""
     from multiprocessing.reduction import ForkingPickler
 
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
+
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named_tensors)
+    pickler = ForkingPickler(buffer)
+    for tensor_type in {type(t) for _, t in named_tensors} | {torch.Tensor}:
+        pickler.dispatch_table[tensor_type] = _reduce_cuda_tensor_by_uuid
+    pickler.dump(named_tensors)
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+def tensor_route_bodies(bucket, tp_sizes: list[int], version: str | None) -> list[dict]:
+    """One ``/update_weights_from_tensor`` body per server: SGLang's TP rank r loads entry r of
+    ``serialized_named_tensors`` (srt/managers/tp_worker.py: deserialize_own_rank), so a server of
+    TP size t gets t separate serialisations (one handle set per process)."""
+    bodies = []
+    for tp in tp_sizes:
+        body = {"serialized_named_tensors": [serialize_named_tensors(bucket) for _ in range(tp)],
+                "flush_cache": version is not None}
+        if version is not None:
+            body["weight_version"] = version
+        bodies.append(body)
+    return bodies
 
 
 @dataclass
@@ -63,7 +105,7 @@ class WeightSync:
                  bucket_bytes: int = 512 * 2**20, dtype: torch.dtype = torch.bfloat16, hf_config: dict | None = None,
                  disk_dir: str | None = None, side_files_from: str | None = None,
                  master_address: str = "127.0.0.1", master_port: int = 0, backend: str = "nccl",
-                 group_name: str = "megatron_vespo_weights", pause_mode: str = "abort", tensor_tp_size: int = 1):
+                 group_name: str = "megatron_vespo_weights", pause_mode: str = "abort"):
         if route not in ROUTES:
             raise ValueError(f"weight sync route must be one of {ROUTES}, got {route!r}")
         # only global rank 0 talks to the engines; the other ranks just take part in the export
@@ -77,7 +119,8 @@ class WeightSync:
         self.bucket_bytes, self.dtype, self.hf_config = bucket_bytes, dtype, hf_config
         self.disk_dir, self.side_files_from = disk_dir, side_files_from
         self.master_address, self.master_port, self.backend = master_address, master_port, backend
-        self.group_name, self.pause_mode, self.tensor_tp_size = group_name, pause_mode, tensor_tp_size
+        self.group_name, self.pause_mode = group_name, pause_mode
+        self._tp_sizes: list[int] | None = None  # each server's TP size (tensor route)
         self._group = None
         self._session = False  # a /begin_weight_update is outstanding
         self._previous_dir = None
@@ -199,6 +242,9 @@ class WeightSync:
         self.control.begin_weight_update()
         if self.route == "distributed" and self._group is None:
             self._init_group()
+        if self.route == "tensor" and self._tp_sizes is None:
+            self._tp_sizes = [int(info.get("tp_size", 1) or 1) for info in
+                              self.control.call("/server_info", method="GET", check_success=False)]
 
     def _release_servers(self, session: bool) -> None:
         """End the update session (when one was asked for) and resume generation on every server,
@@ -293,13 +339,10 @@ class WeightSync:
             thread.join()
             if errors:
                 raise errors[0]
-        else:  # tensor: one payload per server TP rank, each rank loads its own entry
+        else:  # tensor: per server, one serialisation per TP rank, each rank loads its own entry
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            payload = serialize_named_tensors([(n, t.to(device)) for n, t in bucket])
-            body = {"serialized_named_tensors": [payload] * self.tensor_tp_size, "flush_cache": version is not None}
-            if version is not None:
-                body["weight_version"] = version
-            self.control.call("/update_weights_from_tensor", body)
+            on_device = [(n, t.to(device)) for n, t in bucket]
+            self.control.call("/update_weights_from_tensor", bodies=tensor_route_bodies(on_device, self._tp_sizes, version))
 
     def close(self):
         """Tell the servers to drop the weight-update group (distributed route)."""

@@ -39,6 +39,7 @@ def main():
     parser.add_argument("--disk-dir")
     parser.add_argument("--api-key")
     parser.add_argument("--bucket-bytes", type=int, default=64 * 1024)
+    parser.add_argument("--backend", default="gloo", help="distributed route: the weight-update group's backend")
     args = parser.parse_args()
 
     from megatron_vespo.convert.cli import load_from_hf
@@ -59,7 +60,7 @@ def main():
     elif rank == 0:
         control = EngineControl(args.servers.split(","), api_key=args.api_key)
     before = engine_error(engine, args.hf) if engine is not None else None
-    sync = WeightSync(args.route, m, control=control, engine=engine, backend="gloo",
+    sync = WeightSync(args.route, m, control=control, engine=engine, backend=args.backend,
                       bucket_bytes=args.bucket_bytes, dtype=torch.float32, hf_config=hf_config,
                       disk_dir=args.disk_dir, side_files_from=args.hf)
     report = sync.sync(gpt, args.version)
