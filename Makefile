@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo parity test install sglang-venv benchmark clean
+.PHONY: demo parity test install sglang-venv benchmark gpu-check clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,7 @@ benchmark: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info
+
+# On a GPU machine: install the GPU extras and SGLang, run every CUDA path, print one table.
+gpu-check:
+	bash tools/gpu_check.sh
