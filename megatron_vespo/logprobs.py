@@ -12,9 +12,19 @@ the shard's own softmax, and the target's logit if the shard owns it. One all-ga
 Logits are divided by the sampling temperature first (SGLang's log-probs are
 log_softmax(logits / T)). The backward needs no communication: d log p(y) / d z_v is
 (1[v = y] - softmax(z)_v) / T on the rank that owns v.
+
+On NVIDIA GPUs the per-shard reduction and the gradient are fused Triton kernels
+(``logprobs_kernels``): one read of the logits in the forward, one read and one write in the
+backward. ``KERNEL`` (or the environment variable MEGATRON_VESPO_LOGPROB_KERNEL) picks the path:
+"auto" (Triton for bf16/fp16/fp32 CUDA logits when Triton imports, else torch), "triton" (also
+for CPU tensors under TRITON_INTERPRET=1, as the tests do) or "torch" (the chunked pure-torch
+path below). fp64 logits and logits whose vocab dim is not contiguous always take the torch path.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -22,6 +32,48 @@ from megatron_vespo import comm
 
 CHUNK_BYTES = 64 * 2**20
 TP_TAG = "hook_logprobs_tp_all_gather"
+
+KERNEL_ENV = "MEGATRON_VESPO_LOGPROB_KERNEL"
+KERNEL = os.environ.get(KERNEL_ENV, "auto")
+_KERNEL_CHOICES = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_kernels = None  # the logprobs_kernels module once imported, False when Triton is unusable
+_kernels_error: list = [None]
+
+
+def _load_kernels(required: bool):
+    """Import the Triton kernels once; None when Triton is unusable and not ``required``."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from megatron_vespo import logprobs_kernels
+            _kernels = logprobs_kernels
+        except Exception as exc:  # not installed, or installed without a working backend
+            _kernels = False
+            _kernels_error[0] = exc
+            if not required:
+                warnings.warn(f"Triton is unusable ({exc!r}): the log-prob path falls back to torch "
+                              f"(slower on GPUs)", RuntimeWarning, stacklevel=3)
+    if _kernels is False and required:
+        raise RuntimeError(f"{KERNEL_ENV}/logprobs.KERNEL is 'triton' but the Triton kernels do not "
+                           f"import: {_kernels_error[0]!r}")
+    return _kernels or None
+
+
+def _use_kernels(logits: torch.Tensor):
+    """The kernels module when this call takes the Triton path, else None."""
+    if KERNEL not in _KERNEL_CHOICES:
+        raise ValueError(f"logprobs.KERNEL ({KERNEL_ENV}) must be one of {_KERNEL_CHOICES}, got {KERNEL!r}")
+    if KERNEL == "torch" or logits.dtype not in _KERNEL_DTYPES or logits.stride(-1) != 1:
+        return None
+    if KERNEL == "auto":
+        if not (logits.is_cuda and torch.version.cuda is not None):  # NVIDIA only (untested on ROCm)
+            return None
+        return _load_kernels(required=False)
+    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{KERNEL_ENV}/logprobs.KERNEL is 'triton' but the logits are on {logits.device}: "
+                           "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU ones")
+    return _load_kernels(required=True)
 
 
 _WORKSPACE: dict = {}
@@ -67,7 +119,10 @@ def _spans(rows: torch.Tensor, chunk_tokens: int):
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """Two paths with the same arithmetic:
+    """Triton (see ``_use_kernels``): the forward reads each selected row once in a fused kernel and
+    the backward recomputes the softmax from the logits in a second one, writing the gradient
+    (into the logits' own memory with ``inplace_grad``). Otherwise two torch paths with the same
+    arithmetic:
 
     * in place (``inplace_grad`` and fp32 logits, as in training): each chunk is a view of the
       logits; the forward leaves exp(z - max) there and the backward turns it into the gradient
@@ -81,36 +136,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad):
         vocab_local = logits.shape[-1]
-        n = rows.numel()
-        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
-        in_place = inplace_grad and logits.dtype == acc and logits.is_contiguous()
-        local = torch.empty((n, 3), dtype=acc, device=logits.device)
-        shift = torch.empty(n, dtype=acc, device=logits.device)
         local_targets = targets - vocab_start
         owned = (local_targets >= 0) & (local_targets < vocab_local)
-        safe_targets = local_targets.clamp(0, vocab_local - 1).unsqueeze(1)
-        spans = _spans(rows, chunk_tokens)
-        for i, row, count in spans:
-            if in_place:
-                z = logits[row:row + count]
-                if temperature != 1.0:
-                    z.div_(temperature)
-            else:
-                z = _load_rows(logits, row, count, acc, temperature)
-            m = z.amax(dim=-1)
-            target_logit = z.gather(1, safe_targets[i:i + count]).squeeze(1)
-            z.sub_(m.unsqueeze(1))
-            e = _workspace("exp", count, vocab_local, acc, logits.device)
-            torch.exp(z, out=e)
-            sum_exp = e.sum(-1)
-            log_sum = sum_exp.log()
-            shift[i:i + count] = m
-            local[i:i + count, 0] = m + log_sum  # the shard's log-sum-exp
-            # sum_v p_v log p_v of the shard's own softmax (minus its entropy)
-            local[i:i + count, 1] = torch.linalg.vecdot(e, z) / sum_exp - log_sum
-            local[i:i + count, 2] = torch.where(owned[i:i + count], target_logit, torch.zeros_like(target_logit))
-            if in_place:
-                z.copy_(e)  # exp(z - m), turned into the gradient by the backward
+        kernels = _use_kernels(logits)
+        if kernels is not None:
+            # One read of the selected rows; the backward recomputes the softmax from the logits.
+            local = kernels.row_stats(logits, rows, local_targets, temperature)
+            in_place, spans, shift = False, None, None
+        else:
+            local, shift, spans, in_place = _torch_forward(logits, rows, local_targets, owned, temperature,
+                                                           chunk_tokens, inplace_grad)
         gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
         lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
         log_z = torch.logsumexp(lse_r, dim=0)
@@ -121,35 +156,85 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         # In place, the logits' version counter moved: any other reader that saved them fails loudly.
         ctx.save_for_backward(logits, rows, local_targets, owned, log_z, shift)
         ctx.temperature, ctx.spans, ctx.inplace_grad, ctx.in_place = temperature, spans, inplace_grad, in_place
+        ctx.kernels = kernels
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
         logits, rows, local_targets, owned, log_z, shift = ctx.saved_tensors
-        if ctx.inplace_grad:
-            # The logits are dead after this backward: reuse their memory for the gradient.
-            unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-            unused[rows] = False
-            logits[unused] = 0
-            grad_logits = logits
+        if ctx.kernels is not None:
+            # The logits are dead after this backward when inplace_grad: the gradient reuses their memory.
+            out = logits if ctx.inplace_grad else None
+            grad_logits = ctx.kernels.logit_grad(logits, rows, local_targets, log_z, grad_logp, ctx.temperature,
+                                                 out=out)
+            if ctx.inplace_grad:
+                # written behind autograd's back: move the version counter as the torch path does
+                torch.autograd.graph.increment_version(logits)
+            return grad_logits, None, None, None, None, None, None, None
+        return _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift)
+
+
+def _torch_forward(logits, rows, local_targets, owned, temperature, chunk_tokens, inplace_grad):
+    """The chunked pure-torch forward: [n, 3] shard statistics, the per-row shift, the spans and
+    whether the softmax was left in the logits' memory."""
+    vocab_local = logits.shape[-1]
+    n = rows.numel()
+    acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+    in_place = inplace_grad and logits.dtype == acc and logits.is_contiguous()
+    local = torch.empty((n, 3), dtype=acc, device=logits.device)
+    shift = torch.empty(n, dtype=acc, device=logits.device)
+    safe_targets = local_targets.clamp(0, vocab_local - 1).unsqueeze(1)
+    spans = _spans(rows, chunk_tokens)
+    for i, row, count in spans:
+        if in_place:
+            z = logits[row:row + count]
+            if temperature != 1.0:
+                z.div_(temperature)
         else:
-            grad_logits = torch.zeros_like(logits)
-        for i, row, count in ctx.spans:
-            g = grad_logp[i:i + count].to(log_z.dtype)
-            if ctx.in_place:  # the rows hold exp(z - m): softmax = that * exp(m - log Z)
-                z = logits[row:row + count]
-                z.mul_((-g * torch.exp(shift[i:i + count] - log_z[i:i + count])).unsqueeze(1))
-            else:
-                z = _load_rows(logits, row, count, log_z.dtype, ctx.temperature)
-                z.sub_(log_z[i:i + count].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
-            mine = owned[i:i + count].nonzero().squeeze(1)
-            z[mine, local_targets[i:i + count][mine]] += g[mine]
-            if ctx.temperature != 1.0:
-                z.div_(ctx.temperature)
-            if not ctx.in_place:
-                grad_logits[row:row + count] = z  # converts to the logits' dtype
-        return grad_logits, None, None, None, None, None, None, None
+            z = _load_rows(logits, row, count, acc, temperature)
+        m = z.amax(dim=-1)
+        target_logit = z.gather(1, safe_targets[i:i + count]).squeeze(1)
+        z.sub_(m.unsqueeze(1))
+        e = _workspace("exp", count, vocab_local, acc, logits.device)
+        torch.exp(z, out=e)
+        sum_exp = e.sum(-1)
+        log_sum = sum_exp.log()
+        shift[i:i + count] = m
+        local[i:i + count, 0] = m + log_sum  # the shard's log-sum-exp
+        # sum_v p_v log p_v of the shard's own softmax (minus its entropy)
+        local[i:i + count, 1] = torch.linalg.vecdot(e, z) / sum_exp - log_sum
+        local[i:i + count, 2] = torch.where(owned[i:i + count], target_logit, torch.zeros_like(target_logit))
+        if in_place:
+            z.copy_(e)  # exp(z - m), turned into the gradient by the backward
+    return local, shift, spans, in_place
+
+
+def _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift):
+    """The chunked pure-torch backward (rows not asked for get zeros)."""
+    if ctx.inplace_grad:
+        # The logits are dead after this backward: reuse their memory for the gradient.
+        unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        unused[rows] = False
+        logits[unused] = 0
+        grad_logits = logits
+    else:
+        grad_logits = torch.zeros_like(logits)
+    for i, row, count in ctx.spans:
+        g = grad_logp[i:i + count].to(log_z.dtype)
+        if ctx.in_place:  # the rows hold exp(z - m): softmax = that * exp(m - log Z)
+            z = logits[row:row + count]
+            z.mul_((-g * torch.exp(shift[i:i + count] - log_z[i:i + count])).unsqueeze(1))
+        else:
+            z = _load_rows(logits, row, count, log_z.dtype, ctx.temperature)
+            z.sub_(log_z[i:i + count].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))  # -g * softmax
+        mine = owned[i:i + count].nonzero().squeeze(1)
+        z[mine, local_targets[i:i + count][mine]] += g[mine]
+        if ctx.temperature != 1.0:
+            z.div_(ctx.temperature)
+        if not ctx.in_place:
+            grad_logits[row:row + count] = z  # converts to the logits' dtype
+    return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
