@@ -10,7 +10,7 @@ import sys
 from tests.conftest import ROOT, _env, find_executable
 
 SCRIPT = str(ROOT / "tools" / "gpu_check.sh")
-CHECKS = ["env", "train", "parity", "logprobs", "te", "sglang", "mismatch"]
+CHECKS = ["env", "train", "parity", "trainer_path", "logprobs", "te", "sglang", "mismatch"]
 
 
 def _script(*args, timeout=600):

@@ -2,7 +2,7 @@
 """The GPU checks behind tools/gpu_check.sh: each prints one JSON line
 ``{"check": NAME, "status": "pass" | "fail" | "skip", "detail": ..., ...numbers}``.
 
-    python tools/gpu_check.py env | train | parity | logprobs | te | sglang | mismatch --work DIR
+    python tools/gpu_check.py env | train | parity | trainer_path | logprobs | te | sglang | mismatch --work DIR
 
 * env       the GPU, the driver's CUDA, torch, and which extras are installed (TE, apex, SGLang)
 * train     the trainer on the GPU under NCCL (a tiny all-MoE Qwen3-MoE, the local engine on the
@@ -10,6 +10,8 @@
             checkpoint read back on the CPU path (``convert mcore-to-hf`` with the GPU hidden)
 * parity    the loss hook's forward/backward on the GPU against the fp64 reference (local spec;
             the TE spec too when TransformerEngine is installed, with its TF32/bf16 tolerance)
+* trainer_path  the trainer's real sequence of calls (parity/trainer_path.py) against the fp64
+            reference: steps, weight syncs, checkpoint and resume, routing replay
 * logprobs  the log-prob path (vocab-parallel log-softmax in token chunks, its backward) on bf16
             logits, as a fraction of the throughput of a device-to-device copy of the same logits
 * te        TE-spec against local-spec logits in fp32 and bf16 (needs TransformerEngine)
@@ -119,6 +121,31 @@ def check_parity(args) -> int:
                   loss_rel_diff=worst_loss, grad_rel_diff=worst_grad)
 
 
+# the bars of tests/test_trainer_path.py (fp32 trainer against the fp64 reference)
+TRAINER_PATH_BARS = {"loss_abs_diff": 1e-4, "grad_rel_diff": 1e-3, "update_rel_diff": 1e-2,
+                     "grad_norm_rel_diff": 1e-4, "engine_rel_diff": 1e-2}
+
+
+def check_trainer_path(args) -> int:
+    """The trainer's real sequence of calls on the GPU (build and HF load, pi_old, optimizer steps,
+    weight syncs, checkpoint, resume; routing replay none/r2/r3) against the fp64 reference."""
+    out = os.path.join(args.work, "trainer_path.json")
+    start = time.perf_counter()
+    proc = _run([sys.executable, "-m", "megatron_vespo.parity.trainer_path", "--layout", "single", "--work",
+                 os.path.join(args.work, "trainer_path"), "--json-out", out])
+    if proc.returncode != 0 or not os.path.exists(out):
+        return report("trainer_path", "fail", f"parity.trainer_path on the GPU: {_tail(proc)}")
+    rows = json.load(open(out))["rows"]
+    worst = {key: max((r[key] for r in rows if key in r), default=float("nan")) for key in TRAINER_PATH_BARS}
+    failed = [key for key, bar in TRAINER_PATH_BARS.items() if not worst[key] < bar]
+    steps = sum(r["event"] == "optimizer_step" for r in rows)
+    detail = (f"{steps} optimizer steps and {len(rows) - steps} weight syncs (none/r2/r3, fresh and resumed) in "
+              f"{time.perf_counter() - start:.0f} s; worst: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    if failed:
+        detail += f"; over the bar: {failed}"
+    return report("trainer_path", "fail" if failed else "pass", detail, **worst)
+
+
 def check_logprobs(args) -> int:
     import torch
 
@@ -143,9 +170,10 @@ def check_logprobs(args) -> int:
         return (time.perf_counter() - start) / repeat
 
     def logprob_pass(inplace_grad):
+        # torch.autograd.grad, as in training, where the gradient flows on into the output layer:
+        # .backward() on this leaf would clone an in-place gradient into .grad (one more copy)
         logp, _ = vocab_parallel_logprobs(logits, rows, targets, inplace_grad=inplace_grad)
-        logp.sum().backward()
-        logits.grad = None
+        torch.autograd.grad(logp, logits, grad_outputs=torch.ones_like(logp))
 
     copy_s = timed(lambda: logits.detach().clone())
     # the trainer's setting (hook.py: the gradient written into the logits' memory) and the plain one
@@ -232,7 +260,8 @@ def check_mismatch(args) -> int:
                   + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()), **{f"max_abs_delta_{k}": v for k, v in worst.items()})
 
 
-CHECKS = {"env": check_env, "train": check_train, "parity": check_parity, "logprobs": check_logprobs,
+CHECKS = {"env": check_env, "train": check_train, "parity": check_parity, "trainer_path": check_trainer_path,
+          "logprobs": check_logprobs,
           "te": check_te, "sglang": check_sglang, "mismatch": check_mismatch}
 
 

@@ -10,6 +10,7 @@
 #   env       the GPU, CUDA, torch and the extras present
 #   train     3 training steps on the GPU under NCCL, checkpoint read back on the CPU path
 #   parity    the loss hook on the GPU against the fp64 reference (local spec; TE spec when installed)
+#   trainer_path  the trainer's real sequence of calls on the GPU against the fp64 reference
 #   logprobs  the log-prob path's throughput as a fraction of a device-to-device copy of the logits
 #   te        TE-spec vs local-spec logits (needs TransformerEngine)
 #   sglang    a real SGLang server on the GPU (needs SGLANG_PYTHON with sglang 0.5.23)
@@ -23,7 +24,7 @@ NO_INSTALL=0
 WHEELS=""
 PYTHON="${PYTHON:-python3}"
 WORK="runs/gpu_check"
-CHECKS="env train parity logprobs te sglang mismatch"
+CHECKS="env train parity trainer_path logprobs te sglang mismatch"
 CHECK_TIMEOUT="${CHECK_TIMEOUT:-300}"
 
 usage() {  # the comment block at the top of this file
@@ -46,8 +47,8 @@ done
 
 for check in $CHECKS; do
     case "$check" in
-        env|train|parity|logprobs|te|sglang|mismatch) ;;
-        *) echo "gpu_check.sh: unknown check '$check' (choose from: env train parity logprobs te sglang mismatch)" >&2
+        env|train|parity|trainer_path|logprobs|te|sglang|mismatch) ;;
+        *) echo "gpu_check.sh: unknown check '$check' (choose from: env train parity trainer_path logprobs te sglang mismatch)" >&2
            exit 2 ;;
     esac
 done

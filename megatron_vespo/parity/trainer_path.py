@@ -250,8 +250,9 @@ def observe(trainer, m, initial, record: list) -> None:
     current = {}
 
     def step():
-        current["grads"] = {name: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).double().clone()
-                            for name, p, _ in _local_items(trainer, m)}
+        # compared on the host in fp64, where the reference lives (the model may be on a GPU)
+        current["grads"] = {name: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
+                            .detach().to("cpu", torch.float64, copy=True) for name, p, _ in _local_items(trainer, m)}
         if m.padding_idx is not None:
             embedding = current["grads"].get("embedding.word_embeddings.weight")
             if embedding is not None:
@@ -260,7 +261,8 @@ def observe(trainer, m, initial, record: list) -> None:
                 if 0 <= row < embedding.shape[0]:
                     current["pad_row_grad"] = float(embedding[row].abs().max())
         out = real_step()
-        current["updates"] = {name: p.detach().double() - start[name] for name, p, _ in _local_items(trainer, m)}
+        current["updates"] = {name: p.detach().to("cpu", torch.float64) - start[name]
+                              for name, p, _ in _local_items(trainer, m)}
         return out
 
     def train_step(samples, ids):
