@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -418,12 +417,9 @@ def main(argv=None) -> int:
         if mode not in MODES:
             parser.error(f"unknown routing replay mode {mode!r}; choose from {MODES}")
     warnings.filterwarnings("ignore", module="megatron")
-    report = run(args)
-    if report is not None:
-        with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=1)
-    comm.barrier()
-    torch.distributed.destroy_process_group()
+    from megatron_vespo.parity.worker import finish
+
+    finish(run(args), args.json_out)
     return 0
 
 

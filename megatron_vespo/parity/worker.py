@@ -221,13 +221,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
-    report = run(args)
+    finish(run(args), args.json_out)
+    return 0
+
+
+def finish(report: dict | None, json_out: str) -> None:
+    """Rank 0 writes the report (the other ranks have none); every rank leaves the process group."""
     if report is not None:
-        with open(args.json_out, "w") as f:
+        with open(json_out, "w") as f:
             json.dump(report, f, indent=1)
     comm.barrier()
     torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
