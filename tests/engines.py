@@ -27,8 +27,10 @@ from megatron_vespo.rollout.launch import EngineCluster, LaunchOptions
 ROOT = Path(__file__).resolve().parents[1]
 SGLANG_PYTHON = ROOT / ".venv-sglang" / "bin" / "python"
 SGLANG_CPU = ROOT / "tests" / "sglang_cpu"
+# --sleep-on-idle: an idle scheduler otherwise polls without pause, a whole core per server (half
+# of this 2-core machine), slowing every test that runs beside a server
 SGLANG_CPU_ARGS = ("--device cpu --attention-backend torch_native --disable-overlap-schedule --skip-tokenizer-init "
-                   "--max-total-tokens 8192")
+                   "--max-total-tokens 8192 --sleep-on-idle")
 ENGINES = ("local", "sglang")
 
 

@@ -288,8 +288,8 @@ def _train_args(model_dir, run_dir, url, *extra):
     return ["train", "--config", str(ROOT / "examples" / "configs" / "demo_cpu.yaml"), f"model.hf_dir={model_dir}",
             f"run.run_dir={run_dir}", "rollout.engine=sglang", f"rollout.server_urls={url}",
             "rollout.weight_sync=distributed", "rollout.weight_sync_backend=gloo", "rollout.prompts_per_batch=4",
-            "rollout.group_size=4", "rollout.max_new_tokens=8", "algorithm.staleness=2",
-            "algorithm.micro_batch_size=4", "run.steps=4", "run.tensorboard=false", "run.plot=false", *extra]
+            "rollout.group_size=4", "rollout.max_new_tokens=8", "algorithm.staleness=1",
+            "algorithm.micro_batch_size=4", "run.steps=2", "run.tensorboard=false", "run.plot=false", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -316,10 +316,10 @@ def test_the_trainer_end_to_end_against_real_sglang(demo_server, tmp_path):
     proc = run_cli(*_train_args(model_dir, run_dir, url, "data.synthetic_max_digits=3"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["policy_loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["policy_loss"]) for r in rows)
     assert EngineControl([url]).weight_versions() == ["v2"]
     exported = tmp_path / "policy"
-    proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(run_dir / "checkpoints" / "step-4"), "--out", str(exported))
+    proc = run_cli("convert", "mcore-to-hf", "--ckpt", str(run_dir / "checkpoints" / "step-2"), "--out", str(exported))
     assert proc.returncode == 0, proc.stderr[-2000:]
     prompt = [1, 5, 6, 7, 3]
     status, answer = post(url, "/generate", {"input_ids": prompt, "return_logprob": True,
