@@ -187,3 +187,30 @@ def test_a_default_group_without_a_cpu_backend_is_refused_by_name(monkeypatch, c
             parallel.init_distributed()
     else:
         parallel.init_distributed()
+
+
+def test_every_megatron_group_the_project_uses_inherits_the_default_backends():
+    """Host tensors (export buckets, route gathers, object broadcasts, metrics) go through
+    Megatron's groups; under the default "cpu:gloo,cuda:nccl" they are safe only if those groups
+    inherit both backends, i.e. Megatron creates none of them NCCL-only (parallel_state.py passes
+    backend=None except for its explicit gloo groups). CPU torch has no NCCL: "cpu:gloo,cuda:gloo"
+    stands for the GPU default here; a group Megatron made NCCL-only would fail to be created here
+    (no NCCL in this torch), and one with other backends than the default is named."""
+    out = _run_python(
+        "import torch.distributed as dist\n"
+        "from megatron.core import parallel_state as ps\n"
+        "from megatron_vespo.mcore import parallel\n"
+        "from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel\n"
+        "import os\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')\n"
+        "parallel.init_distributed('cpu:gloo,cuda:gloo')\n"
+        "initialize_model_parallel(Layout())\n"
+        "default = dist.get_backend_config()\n"
+        "getters = ['get_tensor_model_parallel_group', 'get_pipeline_model_parallel_group',\n"
+        "           'get_data_parallel_group', 'get_context_parallel_group', 'get_expert_model_parallel_group',\n"
+        "           'get_expert_tensor_parallel_group', 'get_tensor_and_context_parallel_group',\n"
+        "           'get_expert_data_parallel_group', 'get_model_parallel_group', 'get_embedding_group']\n"
+        "bad = {g: dist.get_backend_config(getattr(ps, g)()) for g in getters\n"
+        "       if dist.get_backend_config(getattr(ps, g)()) != default}\n"
+        "print('DEFAULT', default, 'DIFFERENT', bad)\n")
+    assert "DEFAULT cpu:gloo,cuda:gloo DIFFERENT {}" in out, out
