@@ -38,25 +38,25 @@ KERNEL = os.environ.get(KERNEL_ENV, "auto")
 _KERNEL_CHOICES = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _kernels = None  # the logprobs_kernels module once imported, False when Triton is unusable
-_kernels_error: list = [None]
+_kernels_error: Exception | None = None
 
 
 def _load_kernels(required: bool):
     """Import the Triton kernels once; None when Triton is unusable and not ``required``."""
-    global _kernels
+    global _kernels, _kernels_error
     if _kernels is None:
         try:
             from megatron_vespo import logprobs_kernels
             _kernels = logprobs_kernels
         except Exception as exc:  # not installed, or installed without a working backend
             _kernels = False
-            _kernels_error[0] = exc
+            _kernels_error = exc
             if not required:
                 warnings.warn(f"Triton is unusable ({exc!r}): the log-prob path falls back to torch "
                               f"(slower on GPUs)", RuntimeWarning, stacklevel=3)
     if _kernels is False and required:
         raise RuntimeError(f"{KERNEL_ENV}/logprobs.KERNEL is 'triton' but the Triton kernels do not "
-                           f"import: {_kernels_error[0]!r}")
+                           f"import: {_kernels_error!r}")
     return _kernels or None
 
 

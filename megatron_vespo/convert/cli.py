@@ -22,6 +22,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 META = "megatron_vespo.json"
 ARGV_ENV = "MEGATRON_VESPO_ARGV"  # the command line of ranks started by run_distributed
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of mcore-to-hf and score
 
 
 def log(message: str) -> None:
@@ -195,7 +196,7 @@ def mcore_to_hf(args, layout) -> None:
     for key in state_path:
         state = state[key]
     gpt.load_state_dict(state)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    dtype = DTYPES.get(args.dtype)  # None: the checkpoint's own
     n = len(plan_buckets(m, dtype or torch.float32, args.bucket_mib * 2**20))
     with _progress(n, "export") as bar:
         files = save_hf_checkpoint(gpt, m, args.out, hf_config, bucket_bytes=args.bucket_mib * 2**20,
@@ -247,7 +248,7 @@ def score_mcore(args, layout) -> None:
     from megatron_vespo.batch import Sample, build_micro_batch
     from megatron_vespo.hook import make_scoring_step
 
-    m, _, gpt, _ = load_from_hf(args.model, layout, {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    m, _, gpt, _ = load_from_hf(args.model, layout, DTYPES[args.dtype])
     inputs = read_score_inputs(args.input, m.vocab_size)
     gpt.eval()
     results = []
@@ -291,7 +292,7 @@ def add_commands(sub) -> None:
                        help="trainer checkpoints: the HF model the run started from (default: the run's "
                             "config.yaml model.hf_dir)")
     to_hf.add_argument("--out", required=True)
-    to_hf.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: as trained")
+    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained")
     to_hf.add_argument("--bucket-mib", type=int, default=2048, help="bytes per safetensors file (MiB)")
     add_layout_arguments(to_hf)
     to_hf.set_defaults(func=lambda args: run_distributed(args, args.argv, mcore_to_hf, check_export))
@@ -300,7 +301,7 @@ def add_commands(sub) -> None:
     score.add_argument("--model", required=True, help="Hugging Face model directory")
     score.add_argument("--backend", choices=["mcore", "hf"], default="mcore")
     score.add_argument("--input", required=True, help='JSONL: {"input_ids": [...]} per line')
-    score.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    score.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help="the Megatron model's parameter dtype (mcore backend)")
     add_layout_arguments(score)
     score.set_defaults(func=lambda args: score_hf(args) if args.backend == "hf"

@@ -92,13 +92,13 @@ class ContextParallelLocalAttention(MegatronModule):
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
         local_len = query.shape[0]
-        # positions and segments are worked out on the host (from cu_seqlens, no device sync per
-        # sequence); what indexes or masks the scores is moved to where they live
-        q_pos, q_seg = _positions_and_segments(local_len, cu.cpu() if cu is not None else None, cp_size, cp_rank)
+        # positions and segments are worked out on the host (cu_seqlens copied once, no device sync
+        # per sequence); what indexes or masks the scores is moved to where they live
+        cu = cu.cpu() if cu is not None else None
+        q_pos, q_seg = _positions_and_segments(local_len, cu, cp_size, cp_rank)
         key = comm.all_gather_first_dim_with_grad(key, self.cp_group)
         value = comm.all_gather_first_dim_with_grad(value, self.cp_group)
-        kv = [_positions_and_segments(local_len, cu.cpu() if cu is not None else None, cp_size, r)
-              for r in range(cp_size)]
+        kv = [_positions_and_segments(local_len, cu, cp_size, r) for r in range(cp_size)]
         k_pos = torch.cat([p for p, _ in kv])
         k_seg = torch.cat([s for _, s in kv])
         device = query.device

@@ -247,11 +247,15 @@ def apply_local_spec_patches() -> list[str]:
 
     if importlib.util.find_spec("transformer_engine") is not None:
         return []
-    for name in LOCAL_SPEC_PATCHES:
+    _apply_once(LOCAL_SPEC_PATCHES)
+    return list(LOCAL_SPEC_PATCHES)
+
+
+def _apply_once(names) -> None:
+    for name in names:
         if name not in _APPLIED:
             _PATCHES[name]()
             _APPLIED.append(name)
-    return [name for name in LOCAL_SPEC_PATCHES if name in _APPLIED]
 
 
 def apply_cpu_patches(force: bool = False) -> list[str]:
@@ -261,10 +265,7 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
         return []
     if _MODE is not None:
         return list(_APPLIED)
-    for name, patch in _PATCHES.items():
-        if name not in _APPLIED:
-            patch()
-            _APPLIED.append(name)
+    _apply_once(_PATCHES)
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # stays active for the life of the process
     _APPLIED.append("cuda_to_cpu_mode")

@@ -243,7 +243,7 @@ def unsupported_model_features(hf_config: dict, sglang_version: str | None = Non
     version = sglang_version or SGLANG_VERSION
     problems = []
     model_type = hf_config.get("model_type")
-    if model_type in ("qwen3_moe", "qwen2_moe") and _version_tuple(version) <= (0, 5, 23):
+    if model_type in ("qwen3_moe", "qwen2_moe") and _at_most(version, "0.5.23"):
         layers = int(hf_config.get("num_hidden_layers") or 0)
         dense = dense_layer_ids(hf_config, layers, model_type) if layers else ()
         if dense:
@@ -255,11 +255,11 @@ def unsupported_model_features(hf_config: dict, sglang_version: str | None = Non
     return problems
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in str(version).split("."):
-        digits = "".join(c for c in part if c.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+def _at_most(version: str, limit: str) -> bool:
+    """version <= limit; a version that does not parse counts as old (the safe side)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(version)) <= Version(limit)
+    except InvalidVersion:
+        return True

@@ -162,20 +162,22 @@ class Trainer:
                 wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
             except TimeoutError as err:
                 raise ConnectionError(f"rollout engine unreachable: {err}") from None
-            self._check_servers(EngineControl(servers, api_key=api_key))
+        self.control = EngineControl(servers, api_key=api_key)
+        if r.engine != "local":
+            self._server_infos = self.control.call("/server_info", method="GET", check_success=False)
+            self._check_servers()
         m = self.policy.m
         routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
         self.client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,
                                     max_attempts=r.max_attempts, vocab_size=m.vocab_size, routing=routing,
                                     server_urls=servers)
-        self.control = EngineControl(servers, api_key=api_key)
 
-    def _check_servers(self, control) -> None:
+    def _check_servers(self) -> None:
         """Refuse SGLang servers that would serve this model wrongly without an error (a version that
         ignores some of its layers), naming the server, its version and the feature."""
         from megatron_vespo.rollout.protocol import unsupported_model_features
 
-        for url, info in zip(control.urls, control.call("/server_info", method="GET", check_success=False)):
+        for url, info in zip(self.control.urls, self._server_infos):
             problems = unsupported_model_features(self.policy.hf_config, info.get("version"))
             if problems:
                 raise ValueError(f"{url} (SGLang {info.get('version', '?')}) cannot serve {self.cfg.model.hf_dir} "
@@ -205,7 +207,7 @@ class Trainer:
         names = None
         if self.rank == 0:
             names = set()
-            for info in self.control.call("/server_info", method="GET", check_success=False):
+            for info in self._server_infos:  # read when the engine started (rank 0)
                 name = str(info.get("dtype") or "auto")
                 if name == "auto":
                     name = str(self.policy.hf_config.get("torch_dtype") or self.policy.hf_config.get("dtype")
