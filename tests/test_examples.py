@@ -160,7 +160,7 @@ printf 'SGLANG_PYTHON %s\\n' "$SGLANG_PYTHON"
 
 def _container_hook(tmp_path, **env) -> tuple[int, dict, str]:
     """Source env.sh (no SLURM) with ``env``; the words it leaves in SRUN_COMMON, CONTAINER_EXEC."""
-    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "REPO_DIR": str(ROOT),
+    base = {"PATH": fake_slurm_path(tmp_path / "bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8", "REPO_DIR": str(ROOT),
             "RUN_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable}
     result = subprocess.run(["bash", "-c", "set -euo pipefail" + _PRINT_CONTAINER], env={**base, **env},
                             capture_output=True, text=True, timeout=60)
@@ -316,7 +316,7 @@ def _run_dry(name: str, tmp: Path) -> DryRun:
     script_name, extra, args = CASES[name]
     script = SLURM / script_name
     nodes = sbatch_nodes(script)
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "LANG": "C.UTF-8", "PYTHON": sys.executable,
+    env = {"PATH": fake_slurm_path(tmp / "bin"), "HOME": str(tmp), "LANG": "C.UTF-8", "PYTHON": sys.executable,
            "HOST_PYTHON": sys.executable, "RUN_ROOT": str(tmp / "runs"), "DRY_RUN": "1", "CHECK_CONFIG": "0",
            "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]", "SLURM_JOB_NUM_NODES": str(nodes),
            "SLURM_JOB_ID": "4242", "SLURM_CPUS_ON_NODE": "96", "SLURM_SUBMIT_DIR": str(ROOT), **extra}
@@ -649,12 +649,75 @@ def test_check_config_rejects_misfits(capsys):
 
 # -- supervision, end to end with fakes -------------------------------------------------------------------------
 
+# A fake SLURM, first on PATH in every test here (a real one on the machine must not matter):
+# srun records each step (JOBID.N, its --job-name, its pid) and runs the command itself (one task);
+# squeue --steps lists the live ones; scancel --signal=SIG JOBID.N signals the step's process and
+# logs the call; scontrol fails as an scontrol installed without a cluster config does.
 FAKE_SRUN = """\
 #!/bin/bash
-# fake srun: drop the options, run the command here (one task)
-while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+name=""
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in --job-name=*) name=${1#--job-name=} ;; esac
+  shift
+done
+mkdir -p "$FAKE_DIR/steps"
+exec 9>>"$FAKE_DIR/steps/.lock"
+flock 9
+id=$(find "$FAKE_DIR/steps" -name '[0-9]*' | wc -l)
+echo "${name:-$(basename "$1")} $$" > "$FAKE_DIR/steps/$id"
+flock -u 9
 exec "$@"
 """
+
+FAKE_SQUEUE = """\
+#!/bin/bash
+# only the form env.sh uses: squeue --steps --jobs=JOB --noheader --format='%i %j'
+job=""
+for arg in "$@"; do case $arg in --jobs=*) job=${arg#--jobs=} ;; esac; done
+for file in "$FAKE_DIR"/steps/[0-9]*; do
+  [[ -f $file ]] || continue
+  read -r name pid < "$file"
+  if kill -0 "$pid" 2>/dev/null; then echo "$job.$(basename "$file") $name"; fi
+done
+"""
+
+FAKE_SCANCEL = """\
+#!/bin/bash
+echo "$*" >> "$FAKE_DIR/scancel.log"
+sig=TERM
+for arg in "$@"; do
+  case $arg in
+    --signal=*) sig=${arg#--signal=} ;;
+    *.*) read -r name pid < "$FAKE_DIR/steps/${arg#*.}"; kill "-$sig" "$pid" ;;
+  esac
+done
+"""
+
+FAKE_SCONTROL = """\
+#!/bin/bash
+echo "scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host" >&2
+echo "slurm_load_ctl_conf error: Zero Bytes were transmitted or received" >&2
+exit 1
+"""
+
+FAKE_SBATCH = """\
+#!/bin/bash
+echo "sbatch: error: no SLURM in this test" >&2
+exit 1
+"""
+
+FAKE_SLURM = {"srun": FAKE_SRUN, "squeue": FAKE_SQUEUE, "scancel": FAKE_SCANCEL, "scontrol": FAKE_SCONTROL,
+              "sbatch": FAKE_SBATCH}
+
+
+def fake_slurm_path(bin_dir: Path) -> str:
+    """A PATH with the fake SLURM commands first."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
 
 FAKE_LAUNCH = """\
 #!/bin/bash
@@ -678,11 +741,19 @@ while ((SECONDS < end)); do sleep 0.1; done
 
 FAKE_TORCHRUN = """\
 #!/bin/bash
-# fake torchrun: records its arguments, "trains" for FAKE_TRAIN_SECONDS, exits with FAKE_TRAIN_RC
+# fake torchrun: records its arguments, "trains" for FAKE_TRAIN_SECONDS, exits with FAKE_TRAIN_RC;
+# like the trainer, a RUN_DIR/STOP file makes it "checkpoint" and exit 0
 printf '%s\\n' "$@" > "$FAKE_DIR/train.args"
+run_dir=""
+for arg in "$@"; do case $arg in run.run_dir=*) run_dir=${arg#run.run_dir=}; run_dir=${run_dir//\\'/} ;; esac; done
 trap 'echo stopped > "$FAKE_DIR/train.stopped"; exit 143' TERM
 end=$((SECONDS + ${FAKE_TRAIN_SECONDS:-1}))
-while ((SECONDS < end)); do sleep 0.1; done
+while ((SECONDS < end)); do
+  if [[ -f $run_dir/STOP && -z ${FAKE_IGNORE_STOP:-} ]]; then
+    echo checkpoint > "$FAKE_DIR/train.stop_requested"; rm -f "$run_dir/STOP"; exit 0
+  fi
+  sleep 0.1
+done
 exit "${FAKE_TRAIN_RC:-0}"
 """
 
@@ -701,11 +772,11 @@ def fakes(tmp_path):
 
 def _fakes(tmp_path):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("fake-launch", FAKE_LAUNCH), ("fake-torchrun", FAKE_TORCHRUN)):
+    path = fake_slurm_path(bin_dir)
+    for name, text in (("fake-launch", FAKE_LAUNCH), ("fake-torchrun", FAKE_TORCHRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+    env = {"PATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8",
            "PYTHON": sys.executable, "HOST_PYTHON": sys.executable, "RUN_ROOT": str(tmp_path / "runs"),
            "CHECK_CONFIG": "0", "POLL_S": "0.1", "STOP_GRACE_S": "5", "FAKE_DIR": str(tmp_path),
            "MEGATRON_VESPO": str(bin_dir / "fake-launch"), "TORCHRUN": str(bin_dir / "fake-torchrun"),
@@ -755,7 +826,7 @@ def test_job_fails_and_stops_training_when_the_servers_die(fakes):
     rc, out, err = _finish(_start(env, FAKE_TRAIN_SECONDS="300", FAKE_LAUNCH_EXIT_AFTER="0.5"))
     assert rc == 1, err
     assert (tmp / "train.stopped").exists()  # stopped by the script, not finished
-    assert "rollout servers stopped during training" in err
+    assert "the rollout servers (vespo-rollout) exited with code 3 during training: stopping the trainer" in err
 
 
 def test_job_fails_when_the_launcher_fails_before_servers_json(fakes):
@@ -765,19 +836,55 @@ def test_job_fails_when_the_launcher_fails_before_servers_json(fakes):
     assert not (tmp / "train.args").exists()  # the trainer never started
 
 
-def test_sigterm_to_the_job_stops_both_steps(fakes):
-    tmp, env = fakes
-    proc = _start(env, "single_node_8gpu.sbatch", FAKE_TRAIN_SECONDS="300")
+def _wait_for_trainer(proc, tmp):
     deadline = time.monotonic() + 60
     while not (tmp / "train.args").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert (tmp / "train.args").exists(), proc.stderr.read() if proc.poll() is not None else "no trainer"
     time.sleep(0.3)
+
+
+def test_sigterm_to_the_job_asks_the_trainer_to_checkpoint_then_stops_the_servers(fakes):
+    tmp, env = fakes
+    proc = _start(env, "single_node_8gpu.sbatch", FAKE_TRAIN_SECONDS="300")
+    _wait_for_trainer(proc, tmp)
     proc.send_signal(signal.SIGTERM)  # what scancel / --signal=B:TERM@300 send to the batch shell
     rc, out, err = _finish(proc)
     assert rc == 143, err
-    assert (tmp / "train.stopped").exists() and (tmp / "launch.stopped").exists()
+    # the trainer was asked through RUN_DIR/STOP (and "checkpointed"), not killed
+    assert (tmp / "train.stop_requested").exists() and not (tmp / "train.stopped").exists()
+    assert (tmp / "launch.stopped").exists()
     args = (tmp / "train.args").read_text().splitlines()
     assert args[:3] == ["--standalone", "--nnodes=1", "--nproc-per-node=6"]
     launch_args = (tmp / "launch.args").read_text().splitlines()
     assert launch_args[launch_args.index("--nodes") + 1] == "127.0.0.1"
+
+
+def test_steps_are_stopped_through_scancel_on_the_named_step(fakes):
+    """SIGTERM to srun makes a real srun SIGKILL its tasks: the script signals the step instead."""
+    tmp, env = fakes
+    proc = _start(env, FAKE_TRAIN_SECONDS="300", FAKE_IGNORE_STOP="1", TRAIN_STOP_S="1")
+    _wait_for_trainer(proc, tmp)
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = _finish(proc)
+    assert rc == 143, err
+    steps = {path.name: path.read_text().split()[0] for path in (tmp / "steps").glob("[0-9]*")}
+    assert sorted(steps.values()) == ["vespo-rollout", "vespo-train"]
+    by_name = {name: f"77.{step}" for step, name in steps.items()}
+    # the trainer ignored the stop file for TRAIN_STOP_S: then SIGTERM to its step, then the servers'
+    assert (tmp / "scancel.log").read_text().splitlines() == [
+        f"--signal=TERM {by_name['vespo-train']}", f"--signal=TERM {by_name['vespo-rollout']}"]
+    assert (tmp / "train.stopped").exists() and (tmp / "launch.stopped").exists()
+    assert "asking the trainer to checkpoint and stop" in err
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_period(fakes):
+    tmp, env = fakes
+    launcher = tmp / "bin" / "fake-launch"
+    launcher.write_text(launcher.read_text().replace("trap '", "trap 'echo ignored >> \"$FAKE_DIR/launch.ignored\"; : ' TERM\n: '"))
+    proc = _start(env, FAKE_TRAIN_SECONDS="1", STOP_GRACE_S="1")
+    rc, out, err = _finish(proc)
+    assert rc == 0, err
+    assert (tmp / "launch.ignored").exists() and not (tmp / "launch.stopped").exists()
+    assert "did not stop in 1 s: SIGKILL" in err
+    assert any(line.startswith("--signal=KILL 77.") for line in (tmp / "scancel.log").read_text().splitlines())

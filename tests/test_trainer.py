@@ -3,6 +3,7 @@ the same losses as an uninterrupted run, and the same losses under a data-parall
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,13 +117,29 @@ def test_a_short_run_writes_metrics_checkpoint_and_plot(model_dir, tmp_path):
     assert (run_dir / "config.yaml").exists()
 
 
-def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path):
-    steps = ["run.steps=6", "run.save_every=2", "run.plot=false"]
-    whole = tmp_path / "whole"
-    proc = run_cli(*_train_args(model_dir, whole, *steps), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = _metrics(whole)
+RESUME_STEPS = ["run.steps=6", "run.save_every=2", "run.plot=false"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dir, tmp_path_factory):
+    """The metrics of a 6-step run that nothing interrupts."""
+    whole = tmp_path_factory.mktemp("whole") / "run"
+    proc = run_cli(*_train_args(model_dir, whole, *RESUME_STEPS), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _metrics(whole)
+
+
+def _assert_same_run(reference, resumed):
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(reference, resumed):
+        assert a["reward/mean"] == b["reward/mean"], (a["step"], a["reward/mean"], b["reward/mean"])
+        assert a["weight_version"] == b["weight_version"], a["step"]
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-6, abs=1e-9), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
+
+
+def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path, uninterrupted):
+    steps = RESUME_STEPS
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "megatron_vespo", *_train_args(model_dir, killed, *steps, "run.resume=true")]
     victim = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -142,13 +159,41 @@ def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path):
     proc = run_cli(*_train_args(model_dir, killed, *steps, "run.resume=true"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
-    resumed = _metrics(killed)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(reference, resumed):
-        assert a["reward/mean"] == b["reward/mean"], (a["step"], a["reward/mean"], b["reward/mean"])
-        assert a["weight_version"] == b["weight_version"], a["step"]
-        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-6, abs=1e-9), a["step"]
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
+    _assert_same_run(uninterrupted, _metrics(killed))
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "stop file"])
+def test_a_stop_request_checkpoints_at_the_batch_boundary_and_resumes_exactly(model_dir, tmp_path, uninterrupted,
+                                                                              how):
+    """What the SLURM scripts rely on before the time limit: SIGTERM (or RUN_DIR/STOP) in the middle
+    of a rollout batch ends the batch, writes its checkpoint and exits 0; resume loses nothing."""
+    run_dir = tmp_path / "stopped"
+    args = _train_args(model_dir, run_dir, *RESUME_STEPS, "run.resume=true", "run.save_every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_vespo", *args], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    # step 1 done: the request arrives inside rollout batch 0 (steps 1-2)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(run_dir / "metrics.jsonl") and _metrics(run_dir):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        (run_dir / "STOP").touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    # at the end of the batch the request arrived in: batch 0 unless the machine was slow to send it
+    stopped_at = re.search(r"stop requested \((SIGTERM|stop file .*)\): checkpoint at step (\d+) of 6", err)
+    assert stopped_at, err[-2000:]
+    assert stopped_at.group(2) in ("2", "4")
+    assert sorted(os.listdir(run_dir / "checkpoints")) == [f"step-{stopped_at.group(2)}"]
+    assert not (run_dir / "STOP").exists()  # consumed: the resumed run must not stop again
+    proc = run_cli(*args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "stop requested" not in proc.stderr
+    _assert_same_run(uninterrupted, _metrics(run_dir))
 
 
 def test_data_parallel_training_matches_one_process(model_dir, tmp_path):

@@ -29,14 +29,20 @@
 : "${TRAIN_OVERRIDES:=}"     # extra section.key=value overrides for the trainer, space separated
 
 # --- cluster shape --------------------------------------------------------------------------------
-# GPUS_PER_NODE  GPUs of every node (training processes per training node)
+# GPUS_PER_NODE  GPUs of every node (training processes per training node); 0 on a CPU-only
+#                cluster (a rehearsal): steps then ask for no GPUs and each training node runs one
+#                process; submit with `sbatch --gpus-per-node=0` to override the scripts' header
 # TRAIN_NODES    the first TRAIN_NODES nodes of the job train; the rest serve rollouts
 #                (ROLLOUT_NODES, default: all the others)
 : "${GPUS_PER_NODE:=8}"
 : "${TRAIN_NODES:=4}"
 : "${ROLLOUT_NODES:=}"
+# training processes per training node: one per GPU, or one on a CPU-only node
+if ((GPUS_PER_NODE > 0)); then TRAIN_PROCS_PER_NODE=$GPUS_PER_NODE; else TRAIN_PROCS_PER_NODE=1; fi
 
 # --- rollout servers (megatron-vespo sglang launch) ------------------------------------------------
+# ROLLOUT_ENGINE           sglang (SGLang servers) | local (the project's CPU engine, same HTTP
+#                          protocol: rehearse a job without GPUs, tools/slurm_localhost.sh)
 # ROLLOUT_TP / ROLLOUT_EP  SGLang tensor / expert parallel size of each server (EP divides TP;
 #                          a server uses ROLLOUT_TP GPUs, GPUS_PER_NODE / ROLLOUT_TP per node)
 # ROLLOUT_MEM_FRACTION     --mem-fraction-static (empty: SGLang's default)
@@ -50,6 +56,10 @@
 # SERVER_WAIT_S            how long to wait for every server and the router to be healthy
 # POLL_S                   seconds between the scripts' checks of servers.json and of their steps
 # STOP_GRACE_S             seconds between SIGTERM and SIGKILL when the script stops a step
+# TRAIN_STOP_S             on SIGTERM (scancel, the time limit's --signal=B:TERM@300) the trainer is
+#                          asked to stop: it finishes its rollout batch, writes a checkpoint and
+#                          exits; after TRAIN_STOP_S seconds it gets SIGTERM, STOP_GRACE_S later SIGKILL
+: "${ROLLOUT_ENGINE:=sglang}"
 : "${ROLLOUT_TP:=4}"
 : "${ROLLOUT_EP:=1}"
 : "${ROLLOUT_MEM_FRACTION:=}"
@@ -59,6 +69,8 @@
 : "${SERVER_WAIT_S:=3600}"
 : "${POLL_S:=10}"            # how often the scripts look at servers.json and at their steps
 : "${STOP_GRACE_S:=60}"      # SIGTERM -> SIGKILL grace when stopping the trainer or the servers
+: "${TRAIN_STOP_S:=240}"     # a stop request -> SIGTERM, for the trainer (below --signal's 300 s)
+STOP_FILE=$RUN_DIR/STOP      # the trainer watches this file (megatron_vespo/train/stop.py)
 
 # --- ports ---------------------------------------------------------------------------------------
 # SERVER_PORT     HTTP port of server i: SERVER_PORT + i (SGLang also opens internal ports of its own)
@@ -170,19 +182,51 @@ start_bg() {
 # alive PID: whether a background process is still running (always false for DRY_RUN's 0).
 alive() { [[ $1 != 0 ]] && kill -0 "$1" 2>/dev/null; }
 
-# stop_bg PID [NAME]: SIGTERM (srun forwards it to its tasks), SIGKILL after STOP_GRACE_S.
+# step_id NAME: the JOBID.STEPID of this job's running step named NAME (srun --job-name=NAME),
+# empty when there is none or no SLURM.
+step_id() {
+  [[ -n ${SLURM_JOB_ID:-} ]] && command -v squeue >/dev/null 2>&1 || return 0
+  squeue --steps --jobs="$SLURM_JOB_ID" --noheader --format='%i %j' 2>/dev/null |
+    awk -v name="$1" '$2 == name {print $1; exit}'
+}
+
+# stop_bg PID [NAME]: stop a background process: SIGTERM, SIGKILL after STOP_GRACE_S. When it is
+# an srun step named NAME, the signal goes to the step's tasks through `scancel --signal=TERM
+# JOBID.STEPID`: SIGTERM to srun itself makes srun SIGKILL its tasks at once (SLURM 22.05 "forcing
+# job termination"), so nothing could shut down cleanly.
 stop_bg() {
-  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S))
+  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S)) step
   alive "$pid" || return 0
-  log "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
+  step=$(step_id "$name")
+  if [[ -n $step ]]; then
+    log "stopping $name (step $step): SIGTERM to its tasks, SIGKILL after $STOP_GRACE_S s"
+    scancel --signal=TERM "$step" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  else
+    log "stopping $name (pid $pid): SIGTERM, SIGKILL after $STOP_GRACE_S s"
+    kill -TERM "$pid" 2>/dev/null || true
+  fi
   while alive "$pid" && ((SECONDS < deadline)); do
     sleep 0.2
   done
   if alive "$pid"; then
+    log "$name did not stop in $STOP_GRACE_S s: SIGKILL"
+    if [[ -n $step ]]; then scancel --signal=KILL "$step" 2>/dev/null || true; fi
     kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true
+}
+
+# stop_trainer: ask the trainer to stop (STOP_FILE: it ends its rollout batch, writes a checkpoint
+# and exits), then stop_bg after TRAIN_STOP_S.
+stop_trainer() {
+  local deadline=$((SECONDS + TRAIN_STOP_S))
+  alive "$TRAIN_PID" || return 0
+  log "asking the trainer to checkpoint and stop ($STOP_FILE; up to $TRAIN_STOP_S s)"
+  : >"$STOP_FILE"
+  while alive "$TRAIN_PID" && ((SECONDS < deadline)); do
+    sleep 0.2
+  done
+  stop_bg "$TRAIN_PID" "$TRAIN_STEP"
 }
 
 # yaml_quote VALUE: VALUE as a single-quoted YAML string, so that overrides such as an API key of
@@ -192,15 +236,15 @@ yaml_quote() {
   printf "'%s'" "${1//$q/$q$q}"
 }
 
-# expand_hosts HOSTLIST: one host name per line (scontrol, or the launcher's parser without SLURM).
+# expand_hosts HOSTLIST: one host name per line: scontrol's, or the launcher's parser where no
+# scontrol answers (no SLURM, or an scontrol installed without a cluster config).
 expand_hosts() {
-  if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$1"
-  else
-    "$PYTHON" -c 'import sys
+  if command -v scontrol >/dev/null 2>&1 && scontrol show hostnames "$1" 2>/dev/null; then
+    return 0
+  fi
+  "$PYTHON" -c 'import sys
 from megatron_vespo.rollout.launch import expand_hostlist
 print("\n".join(expand_hostlist(sys.argv[1])))' "$1"
-  fi
 }
 
 # SRUN_COMMON: the srun options every step shares (container image and mounts, SRUN_EXTRA_ARGS).
@@ -327,7 +371,11 @@ trainer_overrides() {
 
 # launch_args: the options of `megatron-vespo sglang launch` shared by the scripts, in LAUNCH_ARGS.
 launch_args() {
-  LAUNCH_ARGS=(--engine sglang --model "$MODEL" --tp-size "$ROLLOUT_TP" --ep-size "$ROLLOUT_EP"
+  case $ROLLOUT_ENGINE in
+    sglang | local) ;;
+    *) die "ROLLOUT_ENGINE=$ROLLOUT_ENGINE: choose sglang or local" ;;
+  esac
+  LAUNCH_ARGS=(--engine "$ROLLOUT_ENGINE" --model "$MODEL" --tp-size "$ROLLOUT_TP" --ep-size "$ROLLOUT_EP"
     --api-key "$API_KEY" --state-file "$STATE_FILE" --log-dir "$RUN_DIR/rollout_logs"
     --port "$SERVER_PORT" --router-port "$ROUTER_PORT" --dist-init-port "$DIST_INIT_PORT"
     --health-timeout "$SERVER_WAIT_S")
@@ -350,13 +398,16 @@ launch_args() {
 # --- supervision ----------------------------------------------------------------------------------------
 # install_traps: on exit (normal, error, SIGTERM from scancel or --signal, SIGINT) stop the trainer
 # and the rollout servers (TRAIN_PID, ROLLOUT_PID) that are still running.
+# The step names (srun --job-name) by which stop_bg finds the steps.
 TRAIN_PID=0
 ROLLOUT_PID=0
+TRAIN_STEP=vespo-train
+ROLLOUT_STEP=vespo-rollout
 _cleanup() {
   local rc=$?
   trap - EXIT
-  stop_bg "$TRAIN_PID" trainer
-  stop_bg "$ROLLOUT_PID" "rollout servers"
+  stop_trainer
+  stop_bg "$ROLLOUT_PID" "$ROLLOUT_STEP"
   exit "$rc"
 }
 install_traps() {
@@ -368,11 +419,13 @@ install_traps() {
 # supervise: wait for the trainer; if the rollout servers stop first, stop the trainer and fail.
 # Exits with the trainer's exit code (the EXIT trap then stops the servers).
 supervise() {
-  local rc=0
+  local rc=0 rollout_rc=0
   while alive "$TRAIN_PID"; do
     if ! alive "$ROLLOUT_PID"; then
-      log "the rollout servers stopped during training: stopping the trainer"
-      stop_bg "$TRAIN_PID" trainer
+      wait "$ROLLOUT_PID" || rollout_rc=$?
+      ROLLOUT_PID=0
+      log "error: the rollout servers ($ROLLOUT_STEP) exited with code $rollout_rc during training: stopping the trainer (its last complete checkpoint is in $RUN_DIR/checkpoints)"
+      stop_bg "$TRAIN_PID" "$TRAIN_STEP"
       TRAIN_PID=0
       exit 1
     fi
@@ -380,6 +433,9 @@ supervise() {
   done
   wait "$TRAIN_PID" || rc=$?
   TRAIN_PID=0
+  if ((rc != 0)) && ! alive "$ROLLOUT_PID"; then
+    log "error: the rollout servers ($ROLLOUT_STEP) exited during training"
+  fi
   log "training finished with exit code $rc"
   exit "$rc"
 }

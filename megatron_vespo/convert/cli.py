@@ -31,10 +31,15 @@ def log(message: str) -> None:
 
 
 def layout_from_args(args):
+    """The command's layout. Under a launcher (WORLD_SIZE set: torchrun, srun) data parallelism takes
+    the processes the model layout leaves, as in the trainer; otherwise the fewest processes."""
     from megatron_vespo.mcore.parallel import Layout
 
-    return Layout(tp=args.tp, pp=args.pp, vpp=getattr(args, "vpp", 1), cp=getattr(args, "cp", 1), ep=args.ep,
-                  etp=args.etp).validate()
+    sizes = dict(tp=args.tp, pp=args.pp, vpp=getattr(args, "vpp", 1), cp=getattr(args, "cp", 1), ep=args.ep,
+                 etp=args.etp)
+    if "WORLD_SIZE" in os.environ:
+        return Layout.for_world(int(os.environ["WORLD_SIZE"]), **sizes)
+    return Layout(**sizes).validate()
 
 
 def run_distributed(args, argv: list[str], body, precheck=None) -> int:

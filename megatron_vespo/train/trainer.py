@@ -12,6 +12,7 @@ The loop, top to bottom (``Trainer.run``):
                       through the loss hook; metrics per step -> metrics.jsonl, TensorBoard
         weight sync   Megatron -> engine as HF-named buckets; the engine's weight version advances
         checkpoint    at rollout-batch boundaries, every run.save_every optimizer steps
+        stop          on SIGTERM/SIGINT or RUN_DIR/STOP: checkpoint at the batch boundary and exit
 
 Async mode: a thread on rank 0 generates the next batches while the trainer trains; at most
 ``algorithm.max_policy_lag`` (S) batches are generated ahead, so a sample is at most S weight
@@ -38,8 +39,7 @@ from megatron_vespo import comm
 from megatron_vespo.batch import Sample
 from megatron_vespo.mismatch import routing_agreement
 from megatron_vespo.train.config import TrainConfig, load_config
-
-STOP = object()
+from megatron_vespo.train.stop import StopRequest
 
 
 def log(message: str) -> None:
@@ -268,6 +268,7 @@ class Trainer:
         total_batches = math.ceil(cfg.run.steps / cfg.algorithm.staleness)
         producer = self._start_async_producer(total_batches) if cfg.algorithm.async_rollout else None
         progress = self._progress(cfg.run.steps)
+        stop = StopRequest(self.run_dir).install()
         try:
             while self.step < cfg.run.steps:
                 batch = self._next_batch(producer)                                  # rollout, rewards
@@ -284,9 +285,15 @@ class Trainer:
                 self.batch_index += 1
                 self.data_pos = batch.first_uid + cfg.rollout.prompts_per_batch
                 self._sync_weights()                                                 # weight sync
+                if self.step < cfg.run.steps and stop.agreed():                      # graceful stop
+                    log(f"stop requested ({stop.local_reason() or 'by another rank'}): checkpoint at "
+                        f"step {self.step} of {cfg.run.steps}, then exit; resume continues from it")
+                    stop.consume(self.rank)
+                    break
                 if self._checkpoint_due():
                     self.save()                                                      # checkpoint
         finally:
+            stop.restore()
             if progress is not None:
                 progress.close()
             if producer is not None:
