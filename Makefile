@@ -48,7 +48,10 @@ sglang-venv: $(SGLANG_STAMP)
 # installed: SGLang needs CUDA kernels. Without the wheel the tests use a recorded field list.
 SGLANG_WHEELS := .cache/wheels
 
+# The SLURM tests start a localhost cluster (tools/slurm_localhost.sh): slurm-wlm and munge from apt
+# when missing and this is root; otherwise those tests say why and are skipped (.ci/run fails then).
 test: $(STAMP) $(SGLANG_STAMP)
+	@bash tools/slurm_localhost.sh install || echo "slurm-wlm/munge not installed: the SLURM cluster tests will be skipped"
 	@ls $(SGLANG_WHEELS)/sglang-0.5.23-*.whl >/dev/null 2>&1 || \
 		$(PY) -m pip download --quiet --no-deps sglang==0.5.23 -d $(SGLANG_WHEELS) || \
 		echo "sglang 0.5.23 wheel not available: schema tests use the recorded field list"

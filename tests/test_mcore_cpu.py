@@ -153,6 +153,27 @@ def test_layout_parsing():
         Layout.parse("ep4dp2").validate()
 
 
+def test_every_command_takes_data_parallelism_from_the_world_size(monkeypatch):
+    """The trainer, check_config.py and the convert/score/mismatch commands derive dp from the
+    processes that run (the paper's 32-GPU layout: 4 data-parallel replicas of tp2 x pp2)."""
+    import argparse
+
+    from megatron_vespo.convert.cli import layout_from_args
+
+    args = argparse.Namespace(tp=2, pp=2, vpp=1, cp=1, ep=8, etp=1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert layout_from_args(args).world_size == 16  # started by the command itself: the fewest (ep 8)
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    layout = layout_from_args(args)
+    assert (layout.data_parallel, layout.world_size) == (8, 32)
+    assert layout == Layout.for_world(32, tp=2, pp=2, ep=8, etp=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two training nodes, no expert parallelism
+    assert layout_from_args(argparse.Namespace(tp=1, pp=1, ep=1, etp=1)).data_parallel == 2
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ValueError, match="6 processes are not a multiple of tp 2 x pp 2 x cp 1 = 4"):
+        layout_from_args(args)
+
+
 @pytest.mark.parametrize("save_layout,compare_layout", [("tp2", "single"), ("ep2", "pp2")])
 def test_ddp_optimizer_and_dist_checkpointing_reshard(tmp_path, save_layout, compare_layout):
     ckpt = tmp_path / "ckpt"

@@ -195,12 +195,18 @@ step_id() {
 # JOBID.STEPID`: SIGTERM to srun itself makes srun SIGKILL its tasks at once (SLURM 22.05 "forcing
 # job termination"), so nothing could shut down cleanly.
 stop_bg() {
-  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S)) step
+  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S)) step out
   alive "$pid" || return 0
   step=$(step_id "$name")
   if [[ -n $step ]]; then
     log "stopping $name (step $step): SIGTERM to its tasks, SIGKILL after $STOP_GRACE_S s"
-    scancel --signal=TERM "$step" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    # SLURM 22.05 asks every node of the job, and those without the step answer "Invalid job id
+    # specified" although the step's own nodes delivered the signal: the exit status means nothing
+    # here, and SIGTERM to srun would kill the tasks; a step that stays gets SIGKILL below.
+    out=$(scancel --signal=TERM "$step" 2>&1) || true
+    if [[ -n $out && $out != *"Invalid job id specified"* ]]; then
+      log "scancel --signal=TERM $step: $out"
+    fi
   else
     log "stopping $name (pid $pid): SIGTERM, SIGKILL after $STOP_GRACE_S s"
     kill -TERM "$pid" 2>/dev/null || true
