@@ -12,8 +12,12 @@
 * Every ``section.key=value`` written in the scripts and the README names a real config field.
 * The configs: all load; the N variants and the GRPO baseline differ from VESPO N = 8 only where
   they should; the paper's settings.
-* The supervision logic, end to end with fake ``srun``, launcher and torchrun: a normal end, the
-  servers dying during training, the launcher failing before servers.json, SIGTERM to the job.
+* The supervision logic, end to end with a fake SLURM first on PATH (``srun``, ``squeue``,
+  ``scancel``, ``scontrol``: whatever SLURM the machine has must not matter), a fake launcher and
+  torchrun: a normal end, the servers dying during training, the launcher failing before
+  servers.json, SIGTERM to the job (the trainer asked to checkpoint), steps stopped through
+  ``scancel`` on the named step and killed after the grace period. tests/test_slurm_cluster.py
+  runs the scripts under a real SLURM.
 * The container hook of env.sh (off by default): the srun options for pyxis (``CONTAINER_IMAGE``)
   and the ``apptainer exec`` words (``APPTAINER_SIF``) it produces, sourced without SLURM, the
   SGLang interpreter of docker/Dockerfile's image as the default with either, and dry runs of
@@ -888,3 +892,28 @@ def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_period(fakes):
     assert (tmp / "launch.ignored").exists() and not (tmp / "launch.stopped").exists()
     assert "did not stop in 1 s: SIGKILL" in err
     assert any(line.startswith("--signal=KILL 77.") for line in (tmp / "scancel.log").read_text().splitlines())
+
+
+def test_a_gpu_less_rehearsal_with_the_local_engine(tmp_path):
+    """GPUS_PER_NODE=0 and ROLLOUT_ENGINE=local (a CPU rehearsal): no step asks for GPUs, one
+    training process per node, the launcher runs the local engine; a wrong engine name is refused."""
+    env = {"PATH": fake_slurm_path(tmp_path / "bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "PYTHON": sys.executable, "HOST_PYTHON": sys.executable, "RUN_ROOT": str(tmp_path / "runs"),
+           "DRY_RUN": "1", "CHECK_CONFIG": "0", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "5",
+           "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "0", "TRAIN_NODES": "2", "ROLLOUT_TP": "1",
+           "ROLLOUT_ENGINE": "local"}
+    result = subprocess.run(["bash", str(SLURM / "vespo_n8.sbatch")], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line[len("DRY-RUN:"):]) for line in result.stdout.splitlines()
+                if line.startswith("DRY-RUN:")]
+    assert len(commands) == 2
+    assert not [word for command in commands for word in command if word.startswith("--gpus-per-node")]
+    launch, train = commands
+    assert launch[launch.index("--engine") + 1] == "local"
+    assert "--nproc-per-node=1" in train and "--nnodes=2" in train
+    assert "--job-name=vespo-rollout" in launch and "--job-name=vespo-train" in train
+
+    result = subprocess.run(["bash", str(SLURM / "vespo_n8.sbatch")], env={**env, "ROLLOUT_ENGINE": "vllm"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "ROLLOUT_ENGINE=vllm: choose sglang or local" in result.stderr
