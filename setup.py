@@ -12,7 +12,8 @@ setup(
     install_requires=[
         # A range, so clusters keep their CUDA build; CPU machines get 2.13.0 from the Makefile.
         "torch>=2.6,<3",
-        "megatron-core==0.16.1",
+        # 0.16.1 is the last release for Python 3.11; 0.17-0.19 need Python >= 3.12
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging",
         # Megatron-Core needs these without declaring them (dist_checkpointing, inference).

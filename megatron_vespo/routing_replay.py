@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_vespo import comm
+from megatron_vespo.mcore.versions import canonical_routes, replay_layer_number
 
 MODES = ("replay", "record")
 GATHER_TAG = "routing_replay_gather"
@@ -164,8 +165,9 @@ class RoutingReplay:
                 raise RoutingReplayError("the model was built without routing replay: build it with "
                                          "transformer_config(..., moe_enable_routing_replay=True)")
             for li, layer in enumerate(chunk.decoder.layers):
-                g = layer.layer_number - 1
                 router = getattr(layer.mlp, "router", None)
+                # Megatron 0.19+ gives each RouterReplay its global layer; before, only the layer knows it
+                g = (replay_layer_number(router) or layer.layer_number) - 1
                 if g in model_cfg.dense_layers:
                     if router is not None:
                         raise RoutingReplayError(f"layer {g} is dense in the model config but has a router")
@@ -406,7 +408,8 @@ class RoutingReplay:
                 if idx is None or idx.shape[0] != record.slot.numel():
                     raise RoutingReplayError(f"{self._describe(r)}: recorded {None if idx is None else idx.shape[0]} "
                                              f"tokens, the micro-batch gives the router {record.slot.numel()}")
-                record.indices.append(idx.detach().to(device="cpu", dtype=torch.int32))
+                # ascending expert ids: Megatron 0.18+ leaves no_grad routes unsorted (versions.py)
+                record.indices.append(canonical_routes(idx.detach()).to(device="cpu", dtype=torch.int32))
                 # a recompute in backward (training pass) then replays what the forward chose
                 r.replay.replay_backward_list.append(idx.detach())
                 r.n_set += 1

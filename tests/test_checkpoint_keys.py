@@ -13,7 +13,11 @@ names is a TE-named checkpoint."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, _env
+
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
 
 SCRIPT = r'''
 import os, sys, warnings
@@ -63,7 +67,9 @@ def te_names(num_experts):
     fused = lambda linear: linear is not None and linear.__name__ == "column_parallel_layer_norm_linear"
     if sub.input_layernorm is IdentityOp and fused(sub.self_attention.submodules.linear_qkv):
         names["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
-    fc1 = getattr(getattr(sub.mlp, "submodules", None), "linear_fc1", None)
+    # the MLP is a ModuleSpec up to Megatron-Core 0.18, a functools.partial of MLP.as_mlp_submodule in 0.19
+    mlp_submodules = getattr(sub.mlp, "submodules", None) or getattr(sub.mlp, "keywords", {}).get("submodules")
+    fc1 = getattr(mlp_submodules, "linear_fc1", None)
     if sub.pre_mlp_layernorm is IdentityOp and fused(fc1):
         names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return names

@@ -224,6 +224,10 @@ def test_versions_equal_setup_py(dockerfile):
     text, parsed, values = dockerfile
     pins = setup_pins()
     for arg, project in VERSION_ARGS.items():
+        if project == "megatron-core":  # a range in setup.py: the image takes the release the newest test leg runs
+            assert pins[project].specifier.contains(values[arg]), f"{arg}={values[arg]} outside setup.py's {pins[project]}"
+            assert f"megatron-core=={values[arg]}" in (ROOT / "Makefile").read_text().split("NEW_PINS :=")[1].split("\n")[0]
+            continue
         assert values.get(arg) == exact_pin(pins[project]), f"{arg}={values.get(arg)} but setup.py pins {pins[project]}"
     installed = {Requirement(r).name.lower(): r for p in pip_installs(parsed, values) for r in p["requirements"]
                  if not r.startswith(("/", "."))}
@@ -433,6 +437,7 @@ def test_constraints_merge(tmp_path):
     assert constraints.main(["--out", str(out), "--pin", "a>=1"]) == 1  # only exact pins
 
 
+@pytest.mark.slow
 def test_sglang_python_wrapper(tmp_path):
     """The wrapper drops the base image's dist-packages from LD_LIBRARY_PATH and runs the venv's
     Python next to it (a fake venv here), with the trainer's pip constraints unset."""

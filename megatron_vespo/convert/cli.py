@@ -188,10 +188,12 @@ def mcore_to_hf(args, layout) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_vespo.convert.export import plan_buckets, save_hf_checkpoint
+    from megatron_vespo.mcore import versions
     from megatron_vespo.mcore.checkpoint_keys import align_keys_to_checkpoint
 
     m, hf_config, directory, state_path, side_files = checkpoint_source(args.ckpt, args.base_model)
     m.check_layout(layout)
+    versions.check_checkpoint_readable(directory)
     gpt, _ = _build(m, layout)
     request = gpt.sharded_state_dict()
     align_keys_to_checkpoint(request, directory)  # saved under the other layer spec (TE <-> local)

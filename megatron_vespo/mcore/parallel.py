@@ -130,6 +130,10 @@ def init_distributed(backend: str | None = None) -> None:
 
 def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
     """Create Megatron's process groups for ``layout`` and seed its RNG tracker."""
+    from megatron_vespo.mcore import versions
+
+    versions.check_supported()
+    versions.check_triton_importable()
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_vespo.mcore.cpu import apply_cpu_patches, apply_local_spec_patches

@@ -274,8 +274,11 @@ class Policy:
     def load(self, directory: str) -> dict:
         from megatron.core import dist_checkpointing, tensor_parallel
 
+        from megatron_vespo.mcore import versions
+
         rank = torch.distributed.get_rank()
         mcore_dir = os.path.join(directory, "mcore")
+        versions.check_checkpoint_readable(mcore_dir)
         state = dist_checkpointing.load(self._sharded_state(load_from=mcore_dir), mcore_dir)
         for i, chunk in enumerate(self.chunks):
             chunk.load_state_dict(state["model"][f"model{i}"])
