@@ -1,11 +1,21 @@
-# Both targets do all set-up themselves on a fresh machine: each creates .venv when missing.
+# Both targets do all set-up themselves on a fresh machine: each creates its venvs when missing.
+# Two Megatron-Core releases are supported (setup.py: >=0.16.1,<0.20), each with its own Python:
+#   .venv      Python 3.11, megatron-core 0.16.1 (its last release for 3.11), torch 2.13.0 CPU build:
+#              the demo, and the compatibility leg of `make test`
+#   .venv-new  Python 3.12, megatron-core 0.19.2, torch 2.14.1 (the registry has only CUDA builds
+#              for 3.12; they run on a CPU): the full suite of `make test`
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 TORCH_CPU := torch==2.13.0
+PYTHON_NEW ?= python3.12
+NEW_VENV := .venv-new
+NEW_PY := $(NEW_VENV)/bin/python
+NEW_PINS := torch==2.14.1 megatron-core==0.19.2
+NEW_STAMP := $(NEW_VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo parity test install sglang-venv benchmark gpu-check clean
+.PHONY: demo parity test test-fast install new-venv sglang-venv benchmark gpu-check clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +30,16 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(NEW_STAMP): setup.py Makefile
+	$(PYTHON_NEW) -m venv $(NEW_VENV)
+	$(NEW_PY) -m pip install --quiet --upgrade pip
+	$(NEW_PY) -m pip install --quiet $(NEW_PINS)
+	$(NEW_PY) -m pip install --quiet -e ".[test]" $(NEW_PINS)
+	rm -f $(NEW_VENV)/.installed-*
+	touch $(NEW_STAMP)
+
+new-venv: $(NEW_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m megatron_vespo demo
@@ -50,18 +70,32 @@ SGLANG_WHEELS := .cache/wheels
 
 # The SLURM tests start a localhost cluster (tools/slurm_localhost.sh): slurm-wlm and munge from apt
 # when missing and this is root; otherwise those tests say why and are skipped (.ci/run fails then).
-test: $(STAMP) $(SGLANG_STAMP)
+test: $(STAMP) $(NEW_STAMP) $(SGLANG_STAMP)
 	@bash tools/slurm_localhost.sh install || echo "slurm-wlm/munge not installed: the SLURM cluster tests will be skipped"
 	@ls $(SGLANG_WHEELS)/sglang-0.5.23-*.whl >/dev/null 2>&1 || \
 		$(PY) -m pip download --quiet --no-deps sglang==0.5.23 -d $(SGLANG_WHEELS) || \
 		echo "sglang 0.5.23 wheel not available: schema tests use the recorded field list"
-	$(PY) -m pytest -q tests
+	@echo "== full suite: Python 3.12, megatron-core 0.19.2 =="
+	MEGATRON_VESPO_OTHER_MCORE_PYTHON=$(CURDIR)/$(PY) MEGATRON_VESPO_REQUIRE_OTHER_MCORE=1 $(NEW_PY) -m pytest -q tests
+	@echo "== compatibility: Python 3.11, megatron-core 0.16.1 =="
+	MEGATRON_VESPO_OTHER_MCORE_PYTHON=$(CURDIR)/$(NEW_PY) MEGATRON_VESPO_REQUIRE_OTHER_MCORE=1 $(PY) -m pytest -q $(COMPAT_TESTS)
+
+# The compatibility leg: what differs between releases, parity on 5 layouts, routing replay, train +
+# checkpoint + resume, the convert round trip.
+COMPAT_TESTS := tests/test_mcore_versions.py tests/test_mcore_cpu.py tests/test_parity.py \
+	tests/test_routing_replay.py tests/test_convert_cli.py \
+	"tests/test_trainer.py::test_resume_after_a_kill_gives_the_same_losses" \
+	"tests/test_trainer.py::test_trainer_checkpoint_exports_to_hf"
+
+# Unit tests only (no torchrun, no CLI subprocess, no servers), on the newest pair.
+test-fast: $(NEW_STAMP)
+	$(NEW_PY) -m pytest -q -m "not slow" tests
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_hook.py
 
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info
+	rm -rf $(VENV) $(NEW_VENV) $(SGLANG_VENV) build *.egg-info
 
 # On a GPU machine: install the GPU extras and SGLang, run every CUDA path, print one table.
 gpu-check:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -48,3 +49,58 @@ def find_executable(name: str, env_var: str) -> str | None:
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatron_vespo", *args], env=_env(),
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# -- the fast tier ------------------------------------------------------------------------------
+# `make test-fast` runs `pytest -m "not slow"`: unit tests in this process only. A test (or a
+# fixture it sets up) that starts a Python interpreter, torchrun, a CLI of the project or SLURM
+# must be marked slow; unmarked, it fails here at once, naming itself, so the tier stays honest.
+
+PROCESS_WORDS = ("python", "torchrun", "torch.distributed.run", "megatron_vespo", "megatron-vespo", "sbatch",
+                 "slurm_localhost", "sglang", "bash")
+
+
+def _starts_a_heavy_process(args) -> bool:
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    return any(word in os.path.basename(argv[0]) or word in " ".join(argv[:3]) for word in PROCESS_WORDS) \
+        if argv else False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _processes_refused_unless_slow(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _processes_refused_unless_slow(item):
+        yield
+
+
+class _Refused(contextlib.ContextDecorator):
+    def __init__(self, item):
+        self.item = item
+
+    def __enter__(self):
+        self.real = subprocess.Popen.__init__
+        real, nodeid = self.real, self.item.nodeid
+
+        def guarded(popen, args, *rest, **kwargs):
+            if _starts_a_heavy_process(args):
+                raise RuntimeError(f"{nodeid} starts {args if isinstance(args, str) else list(args)[:4]} but is not "
+                                   "marked slow (pytest.mark.slow): the fast tier runs no subprocesses")
+            real(popen, args, *rest, **kwargs)
+
+        subprocess.Popen.__init__ = guarded
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.Popen.__init__ = self.real
+        return False
+
+
+def _processes_refused_unless_slow(item):
+    if item.get_closest_marker("slow") is not None:
+        return contextlib.nullcontext()
+    return _Refused(item)

@@ -124,6 +124,7 @@ def _report(proc):
     return json.loads(proc.stdout.split("HF_LOGITS", 1)[1].strip().splitlines()[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,nproc", [("single", 1), ("tp2", 2), ("ep2", 2), ("pp2", 2), ("pp2vpp2", 2),
                                           ("tp2ep2", 4)])
 def test_hf_logits_match_transformers_and_export_round_trips(hf_workdir, layout, nproc):
@@ -140,6 +141,7 @@ def test_hf_logits_match_transformers_and_export_round_trips(hf_workdir, layout,
             assert r["max_read_fraction"] < 0.6, (family, r)  # each rank reads only its slices
 
 
+@pytest.mark.slow
 def test_swapped_experts_are_detected(hf_workdir):
     report = _report(torchrun("hf_logits.py", 2, "--layout", "ep2", "--families", "qwen3_moe,mixtral",
                               "--negative-control", "--workdir", str(hf_workdir)))

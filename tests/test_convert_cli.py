@@ -9,6 +9,8 @@ from megatron_vespo.mcore.weights import SafetensorsSource
 from tests.conftest import run_cli
 from tests.hf_models import make_hf_model
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 
 @pytest.fixture(scope="module")
 def qwen2_moe(tmp_path_factory):

@@ -184,6 +184,7 @@ def read(out: Path, key: str) -> list[dict]:
     return pq.read_table(out / f"{key}.parquet").to_pylist()
 
 
+@pytest.mark.slow
 def test_tool_writes_every_dataset(prepared):
     src, out, proc = prepared
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -206,6 +207,7 @@ def test_tool_writes_every_dataset(prepared):
     assert "summary:" in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_tool_dapo_dedup_and_problem(prepared):
     _, out, proc = prepared
     rows = read(out, "dapo_math_17k")
@@ -215,6 +217,7 @@ def test_tool_dapo_dedup_and_problem(prepared):
     assert "7 rows read, 5 duplicates dropped (1 with a different answer" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tool_benchmarks(prepared):
     _, out, _ = prepared
     aime24 = read(out, "aime24")
@@ -230,6 +233,7 @@ def test_tool_benchmarks(prepared):
     assert "Convert the point $(0,3)$" in math500[0]["prompt"][0]["content"]
 
 
+@pytest.mark.slow
 def test_tool_gsm8k_final_answer(prepared, tmp_path):
     src, out, _ = prepared
     gsm = read(out, "gsm8k")
@@ -241,6 +245,7 @@ def test_tool_gsm8k_final_answer(prepared, tmp_path):
     assert [r["answer"] for r in read(tmp_path, "gsm8k")] == ["10"]
 
 
+@pytest.mark.slow
 def test_tool_missing_dataset(tmp_path):
     src = tmp_path / "src"
     write_jsonl(src / "MATH-500" / "test.jsonl", [{"problem": "What is $1+1$?", "answer": "2", "unique_id": "u"}])
@@ -256,6 +261,7 @@ def test_tool_missing_dataset(tmp_path):
     assert [p.name for p in out.iterdir()] == ["math500.parquet"]
 
 
+@pytest.mark.slow
 def test_tool_bad_files(tmp_path):
     src = tmp_path / "src"
     write_jsonl(src / "MATH-500" / "test.jsonl", [{"problem": "x", "solution": "y"}])  # no answer column
@@ -270,6 +276,7 @@ def test_tool_bad_files(tmp_path):
     assert proc.returncode == 2 and "no data file in" in proc.stderr and "test-*.parquet" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tool_help_names_layouts():
     proc = run_tool("--help")
     assert proc.returncode == 0
@@ -281,6 +288,7 @@ def test_tool_help_names_layouts():
 # -- PromptFile -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prompt_file_reads_tool_output(prepared, tokenizer):
     _, out, _ = prepared
     pf = PromptFile(str(out / "math500.parquet"), tokenizer=tokenizer, max_prompt_tokens=512)

@@ -100,6 +100,7 @@ def test_a_gpu_run_uses_gloo_for_host_tensors_and_nccl_for_cuda(monkeypatch):
     assert seen == {"backend": "cpu:gloo,cuda:nccl", "device": 3}
 
 
+@pytest.mark.slow
 def test_a_gpu_without_transformer_engine_gets_the_local_spec_patches():
     """Megatron's router names te_general_gemm with or without TE, and its local norm refuses
     sequence parallelism: on a GPU machine without TE those two patches apply, the CPU ones not."""
@@ -131,6 +132,7 @@ def _run_python(code: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_every_parameter_is_built_on_the_models_device():
     """Megatron creates the router's gate weight on the host even on a GPU (moe/router.py) and moves
     only its .data at the first forward, after DDP hooked the host tensor: on a GPU its gradient
@@ -151,6 +153,7 @@ def test_every_parameter_is_built_on_the_models_device():
     assert "LEFT: []" in out, out
 
 
+@pytest.mark.slow
 def test_the_local_spec_uses_torch_norms_even_with_apex_installed():
     """gpt_layer_specs.py chooses the final norm from a module-level LNImpl, apex's FusedLayerNorm
     when apex imports, which rejects RMSNorm; here that choice is forced as apex would make it."""
@@ -189,6 +192,7 @@ def test_a_default_group_without_a_cpu_backend_is_refused_by_name(monkeypatch, c
         parallel.init_distributed()
 
 
+@pytest.mark.slow
 def test_every_megatron_group_the_project_uses_inherits_the_default_backends():
     """Host tensors (export buckets, route gathers, object broadcasts, metrics) go through
     Megatron's groups; under the default "cpu:gloo,cuda:nccl" they are safe only if those groups

@@ -86,6 +86,7 @@ def _config_keys() -> dict[str, object]:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_reference_is_up_to_date():
     proc = subprocess.run([sys.executable, str(GEN), "--check"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
@@ -526,6 +527,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_draw_architecture_writes_a_png(tmp_path):
     out = tmp_path / "architecture.png"
     proc = subprocess.run([sys.executable, str(DRAW), "--out", str(out)], capture_output=True, text=True,

@@ -114,12 +114,14 @@ def sbatch_nodes(script: Path) -> int:
 # -- syntax -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_shellcheck_optional():
     """shellcheck on every script (optional: skipped, visibly, without a shellcheck binary)."""
     binary = find_executable("shellcheck", "SHELLCHECK")
@@ -176,12 +178,14 @@ def _container_hook(tmp_path, **env) -> tuple[int, dict, str]:
     return result.returncode, words, result.stderr
 
 
+@pytest.mark.slow
 def test_container_hook_is_off_by_default(tmp_path):
     rc, words, err = _container_hook(tmp_path)
     assert rc == 0, err
     assert words == {"SRUN": [], "EXEC": [], "SGLANG_PYTHON": []}
 
 
+@pytest.mark.slow
 def test_container_hook_pyxis(tmp_path):
     rc, words, err = _container_hook(tmp_path, CONTAINER_IMAGE="/images/vespo.sqsh",
                                      CONTAINER_MOUNTS="/shared:/shared", SRUN_EXTRA_ARGS="--mpi=none")
@@ -191,6 +195,7 @@ def test_container_hook_pyxis(tmp_path):
     assert words["EXEC"] == [] and words["SGLANG_PYTHON"] == [IMAGE_SGLANG_PYTHON]
 
 
+@pytest.mark.slow
 def test_container_hook_apptainer(tmp_path):
     rc, words, err = _container_hook(tmp_path, APPTAINER_SIF="/images/vespo.sif",
                                      APPTAINER_EXTRA_ARGS="--writable-tmpfs --env A=1")
@@ -208,6 +213,7 @@ def test_container_hook_apptainer(tmp_path):
     assert words["SGLANG_PYTHON"] == ["python3"]
 
 
+@pytest.mark.slow
 def test_container_hook_refuses_two_runtimes(tmp_path):
     rc, words, err = _container_hook(tmp_path, APPTAINER_SIF="/images/vespo.sif",
                                      CONTAINER_IMAGE="/images/vespo.sqsh")
@@ -403,6 +409,7 @@ def parse_strict(parser: argparse.ArgumentParser, args: list, what: str):
         pytest.fail(f"{what}: {err} {stderr.getvalue()}\nargs: {args}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_dry_run_prints_both_steps(dry_runs, name):
     dry = dry_runs[name]
@@ -418,6 +425,7 @@ def test_dry_run_prints_both_steps(dry_runs, name):
     assert any("<api-key>" in token for command in dry.commands for token in command)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_launch_flags_exist_and_servers_fit(dry_runs, name):
     from megatron_vespo.rollout.launch import EngineCluster, LaunchOptions, options_from_args
@@ -481,6 +489,7 @@ def check_container_words(dry: DryRun, prefix: list) -> None:
         assert prefix[0] == words[0] and "CUDA_VISIBLE_DEVICES" in env_prefix(prefix)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_trainer_command_and_config(dry_runs, name):
     from torch.distributed.run import get_args_parser
@@ -531,6 +540,7 @@ def test_trainer_command_and_config(dry_runs, name):
         assert cfg.algorithm.staleness == 16
 
 
+@pytest.mark.slow
 def test_every_config_is_used_by_a_script(dry_runs):
     used = {Path(split_train_config(d)).resolve() for d in dry_runs.values()}
     cluster = {p.resolve() for p in YAMLS if p.name != "demo_cpu.yaml"}
@@ -805,6 +815,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 120):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow
 def test_job_runs_training_then_stops_the_servers(fakes):
     tmp, env = fakes
     rc, out, err = _finish(_start(env, FAKE_TRAIN_SECONDS="1"))
@@ -825,6 +836,7 @@ def test_job_runs_training_then_stops_the_servers(fakes):
     assert "training finished with exit code 0" in err
 
 
+@pytest.mark.slow
 def test_job_fails_and_stops_training_when_the_servers_die(fakes):
     tmp, env = fakes
     rc, out, err = _finish(_start(env, FAKE_TRAIN_SECONDS="300", FAKE_LAUNCH_EXIT_AFTER="0.5"))
@@ -833,6 +845,7 @@ def test_job_fails_and_stops_training_when_the_servers_die(fakes):
     assert "the rollout servers (vespo-rollout) exited with code 3 during training: stopping the trainer" in err
 
 
+@pytest.mark.slow
 def test_job_fails_when_the_launcher_fails_before_servers_json(fakes):
     tmp, env = fakes
     rc, out, err = _finish(_start(env, FAKE_LAUNCH_FAIL="1"))
@@ -848,6 +861,7 @@ def _wait_for_trainer(proc, tmp):
     time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_job_asks_the_trainer_to_checkpoint_then_stops_the_servers(fakes):
     tmp, env = fakes
     proc = _start(env, "single_node_8gpu.sbatch", FAKE_TRAIN_SECONDS="300")
@@ -864,6 +878,7 @@ def test_sigterm_to_the_job_asks_the_trainer_to_checkpoint_then_stops_the_server
     assert launch_args[launch_args.index("--nodes") + 1] == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_steps_are_stopped_through_scancel_on_the_named_step(fakes):
     """SIGTERM to srun makes a real srun SIGKILL its tasks: the script signals the step instead."""
     tmp, env = fakes
@@ -882,6 +897,7 @@ def test_steps_are_stopped_through_scancel_on_the_named_step(fakes):
     assert "asking the trainer to checkpoint and stop" in err
 
 
+@pytest.mark.slow
 def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_period(fakes):
     tmp, env = fakes
     launcher = tmp / "bin" / "fake-launch"
@@ -894,6 +910,7 @@ def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_period(fakes):
     assert any(line.startswith("--signal=KILL 77.") for line in (tmp / "scancel.log").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_a_gpu_less_rehearsal_with_the_local_engine(tmp_path):
     """GPUS_PER_NODE=0 and ROLLOUT_ENGINE=local (a CPU rehearsal): no step asks for GPUs, one
     training process per node, the launcher runs the local engine; a wrong engine name is refused."""

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, _env, find_executable
 
 SCRIPT = str(ROOT / "tools" / "gpu_check.sh")
@@ -18,6 +20,7 @@ def _script(*args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_plan_names_every_install_step_and_check():
     proc = _script("--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -26,6 +29,7 @@ def test_the_plan_names_every_install_step_and_check():
             if "tools/gpu_check.py" in line] == CHECKS
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_named(tmp_path):
     proc = _script("--only", "env gpus")
     assert proc.returncode == 2 and "unknown check 'gpus'" in proc.stderr
@@ -42,6 +46,7 @@ def test_the_script_is_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.slow
 def test_checks_run_and_fill_the_table_on_a_cpu(tmp_path):
     proc = _script("--no-install", "--python", sys.executable, "--work", str(tmp_path), "--only", "env train te")
     assert proc.returncode == 1, proc.stdout + proc.stderr  # env fails here: no GPU
@@ -52,6 +57,7 @@ def test_checks_run_and_fill_the_table_on_a_cpu(tmp_path):
     assert [line.split()[:2] for line in table.splitlines()[1:4]] == [["env", "fail"], ["train", "pass"], ["te", "skip"]]
 
 
+@pytest.mark.slow
 def test_the_sglang_row_rehearsed_on_a_cpu_server(tmp_path):
     from tests.engines import SGLANG_PYTHON, require_sglang
 

@@ -462,6 +462,7 @@ def test_wait_fails_when_a_process_dies(tmp_path):
     assert not _alive(steady)
 
 
+@pytest.mark.slow
 def test_servers_die_with_a_killed_launcher(tmp_path):
     """A launcher killed with SIGKILL cannot clean up; its servers get SIGTERM from the kernel."""
     script = f"""
@@ -584,6 +585,7 @@ def _check_generate(router_url: str, api_key: str | None) -> None:
         assert len(answer["output_ids"]) == 3 and all(isinstance(t, int) for t in answer["output_ids"])
 
 
+@pytest.mark.slow
 def test_launch_local_engines_behind_router(tmp_path, tiny_moe):
     base = _free_ports(2)
     router_port = _free_ports(1)
@@ -615,6 +617,7 @@ def test_launch_local_engines_behind_router(tmp_path, tiny_moe):
     assert not state_file.exists()
 
 
+@pytest.mark.slow
 def test_launch_two_nodes(tmp_path, tiny_moe):
     """Two nodes as SLURM would run them (here both on this machine, through the Python API the
     trainer uses): each starts its own server; only the first node starts the router, after the
@@ -642,6 +645,7 @@ def test_launch_two_nodes(tmp_path, tiny_moe):
     assert not (tmp_path / "logs1" / "router.log").exists()
 
 
+@pytest.mark.slow
 def test_launch_fails_fast_naming_the_server(tmp_path):
     """A server that exits during start-up fails the launch at once with its log, and nothing
     started is left running."""

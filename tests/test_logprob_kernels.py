@@ -334,10 +334,12 @@ if __name__ != "__main__":
                         f"{proc.stderr[-5000:]}")
         return json.loads(lines[-1][len(MARK):])
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("case", list(CASES))
     def test_triton_kernels_match_torch_path_and_fp64(interpreter_results, case):
         assert interpreter_results[case] == "ok", interpreter_results[case]
 
+    @pytest.mark.slow
     def test_triton_path_under_real_tp_group():
         """2 gloo ranks: one all-gather, bf16 logits, targets on both shards, in-place gradient."""
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE),

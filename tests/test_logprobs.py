@@ -53,6 +53,7 @@ def test_bad_input_is_named():
         vocab_parallel_logprobs(torch.zeros(2, 4), torch.arange(2), torch.arange(2), temperature=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_matches_full_vocabulary(tp):
     """Real TP groups on gloo: values, entropy, gradients, and one all-gather per call."""

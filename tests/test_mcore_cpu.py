@@ -23,6 +23,7 @@ def test_all_patches_applied_once():
     assert set(names) == set(cpu._PATCHES) | {"cuda_to_cpu_mode"}
 
 
+@pytest.mark.slow
 def test_patches_not_applied_when_cuda_is_present():
     code = ("import torch; torch.cuda.is_available = lambda: True\n"
             "from megatron_vespo.mcore import cpu\n"
@@ -107,6 +108,7 @@ def test_torch_norm_accepts_sequence_parallel_and_tags_params():
     torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
+@pytest.mark.slow
 def test_uneven_all_gather_and_model_layouts_on_gloo():
     proc = torchrun("uneven_gather.py", 2)
     assert "UNEVEN_GATHER_OK" in proc.stdout
@@ -174,6 +176,7 @@ def test_every_command_takes_data_parallelism_from_the_world_size(monkeypatch):
         layout_from_args(args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_layout,compare_layout", [("tp2", "single"), ("ep2", "pp2")])
 def test_ddp_optimizer_and_dist_checkpointing_reshard(tmp_path, save_layout, compare_layout):
     ckpt = tmp_path / "ckpt"

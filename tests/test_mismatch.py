@@ -127,6 +127,7 @@ def _hf_logprobs(model_dir, samples):
     return out
 
 
+@pytest.mark.slow
 def test_bf16_engine_study_with_r3(setup, tmp_path):
     proc, report, samples = _study(setup, tmp_path / "bf16", "--r3")
     assert report["samples"] == len(samples) == 2 * len(PROMPTS) and report["engine"]["dtype"] == "bfloat16"
@@ -159,6 +160,7 @@ def fp32_single(setup, tmp_path_factory):
                   "--max-concurrency", "1", "--r3")
 
 
+@pytest.mark.slow
 def test_fp32_engine_matches_the_trainer(fp32_single):
     _, report, _ = fp32_single
     for p in report["passes"].values():
@@ -167,6 +169,7 @@ def test_fp32_engine_matches_the_trainer(fp32_single):
     assert report["passes"]["no_replay"]["routing"]["response"]["exact_mean"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2"], ["--pp", "2"], ["--cp", "2"]],
                          ids=["ep2", "tp2", "pp2", "cp2"])
 def test_layouts_equal_single_process(setup, tmp_path, fp32_single, layout):
@@ -181,6 +184,7 @@ def test_layouts_equal_single_process(setup, tmp_path, fp32_single, layout):
         ref_report["passes"]["no_replay"]["routing"]["response"]["exact"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--engine", "ftp://host:1"], "--engine must be 'local' or http"),
     (["--n", "0"], "--n must be >= 1"),
@@ -198,6 +202,7 @@ def test_bad_input_fails_before_starting(setup, tmp_path, args, message):
     assert "starting" not in proc.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_r3_needs_a_moe_model(setup, tmp_path):
     proc = run_cli("mismatch", "--engine", "local", "--model", str(setup / "dense"), "--prompts",
                    str(setup / "prompts.jsonl"), "--r3", "--out", str(tmp_path / "o"))

@@ -88,6 +88,7 @@ def test_transformers_zero_padding_row_is_flagged(tmp_path):
         check_embedding_rows(SafetensorsSource(str(tmp_path)), m)
 
 
+@pytest.mark.slow
 def test_the_demo_model_embeds_every_token(tmp_path):
     from megatron_vespo.train.demo import build_model
 

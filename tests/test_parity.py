@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 
 def run_parity(tmp_path, *args):
     out = tmp_path / "parity.json"

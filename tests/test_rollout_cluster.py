@@ -21,6 +21,8 @@ from tests.engines import ENGINES, start_cluster
 from tests.hf_models import make_hf_model
 from tests.sglang_schema import Schema
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 API_KEY = "test-key"
 
 

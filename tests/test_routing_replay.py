@@ -68,6 +68,7 @@ def assert_recompute(result):
     assert "0 in recompute (expected 2)" in off["error"] and "layer " in off["error"], off
 
 
+@pytest.mark.slow
 def test_single_process_r3_r2_and_misuse():
     result = launch("single", 1, "r3,negative,r2,consumption,orphan")
     assert_r3(result, ["packed", "padded"])
@@ -84,6 +85,7 @@ def test_single_process_r3_r2_and_misuse():
     assert "routers of layers [1, 2, 3] not registered" in result["unregistered_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "cp2"])
 def test_tensor_and_context_parallel(layout):
     result = launch(layout, 2, "r3,negative,r2")
@@ -92,18 +94,21 @@ def test_tensor_and_context_parallel(layout):
     assert_r2(result, ["packed", "padded"])
 
 
+@pytest.mark.slow
 def test_expert_parallel():
     result = launch("ep2", 2, "r3,r2", formats="packed")
     assert_r3(result, ["packed"])
     assert_r2(result, ["packed"])
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_with_recompute():
     result = launch("pp2", 2, "r3,recompute")
     assert_r3(result, ["packed", "padded"])
     assert_recompute(result)
 
 
+@pytest.mark.slow
 def test_virtual_pipeline_with_recompute():
     # fixed lengths: Megatron's interleaved schedule with variable lengths hangs on gloo at pp=2
     result = launch("pp2vpp2", 2, "r3,recompute", formats="packed", extra=("--fixed-seq",))
@@ -111,6 +116,7 @@ def test_virtual_pipeline_with_recompute():
     assert_recompute(result)
 
 
+@pytest.mark.slow
 def test_tensor_and_context_parallel_together():
     result = launch("tp2cp2", 4, "r3,negative", formats="packed")
     assert_r3(result, ["packed"])

@@ -87,6 +87,7 @@ def hf_logprobs_and_routes(model_dir, ids):
     return logp, routes
 
 
+@pytest.mark.slow
 def test_generate_with_logprobs_and_routed_experts_matches_transformers(servers, model_dir):
     from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
 
@@ -117,6 +118,7 @@ def test_generate_with_logprobs_and_routed_experts_matches_transformers(servers,
     assert checked > 0
 
 
+@pytest.mark.slow
 def test_pause_continue_flush_and_abort_behave_alike(servers):
     """pause(abort) returns running requests as aborted; /flush_cache is refused while a request
     runs and accepted when idle; /abort_request ends one request; /continue_generation resumes."""
@@ -163,6 +165,7 @@ REQUESTS = [  # (what, body): the same to both engines; their answers must agree
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, body", REQUESTS, ids=[r[0] for r in REQUESTS])
 def test_the_local_engine_answers_as_real_sglang(servers, what, body):
     """Status codes, output ids (greedy, fp32), the meta_info fields training reads, finish
@@ -191,6 +194,7 @@ def test_the_local_engine_answers_as_real_sglang(servers, what, body):
         assert local_meta["routed_experts"] == meta["routed_experts"], what  # base64 of the same int32 layout
 
 
+@pytest.mark.slow
 def test_the_weight_update_group_meets_sglangs_rendezvous(servers, model_dir):
     """The trainer's side of /init_weights_update_group (comm.StandaloneGroup) joins the real server's
     and a broadcast arrives; before the fix the two sides used different store keys and hung."""
@@ -223,6 +227,7 @@ def test_the_weight_update_group_meets_sglangs_rendezvous(servers, model_dir):
     assert asked["update"][0]["success"]
 
 
+@pytest.mark.slow
 def test_a_failed_sync_leaves_no_server_paused(servers, model_dir):
     """A sync that fails after pausing (here: /begin_weight_update refused, as a session is already
     open) resumes the server and closes the session: generation works at once and the next sync
@@ -244,6 +249,7 @@ def test_a_failed_sync_leaves_no_server_paused(servers, model_dir):
     post(url, "/end_weight_update", {})
 
 
+@pytest.mark.slow
 def test_a_data_parallel_server_is_refused_by_name(model_dir, tmp_path):
     """SGLang refuses the weight-update group on a server with --dp-size 2 (an HTTP 500 from an
     assertion); the trainer names the server and the reason before asking, and resumes it."""
@@ -266,6 +272,7 @@ def test_a_data_parallel_server_is_refused_by_name(model_dir, tmp_path):
         cluster.stop()
 
 
+@pytest.mark.slow
 def test_models_sglang_would_serve_wrongly_are_refused(tmp_path, model_dir):
     """SGLang 0.5.23 builds every Qwen3-MoE layer as MoE: a dense layer would answer NaN."""
     make_hf_model("qwen3_moe", str(tmp_path / "dense0"), dense_layers=(0,))
@@ -306,6 +313,7 @@ def demo_server(tmp_path_factory):
         cluster.stop()
 
 
+@pytest.mark.slow
 def test_the_trainer_end_to_end_against_real_sglang(demo_server, tmp_path):
     """Rollouts from the real server, two distributed weight syncs over gloo (v1, v2); afterwards
     the server's log-probs are the trained policy's (exported from the final checkpoint)."""
@@ -334,6 +342,7 @@ def test_the_trainer_end_to_end_against_real_sglang(demo_server, tmp_path):
         assert ((ref - got).abs().max() < 1e-4) == close, directory
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_model_the_server_would_serve_wrongly(servers, tmp_path):
     from tests.conftest import run_cli
 
@@ -368,6 +377,7 @@ def test_the_stand_in_kernel_writes_each_requests_slots():
         stand_in.copy_all_layer_kv_cache_cpu()
 
 
+@pytest.mark.slow
 def test_the_mismatch_command_against_real_sglang(demo_server, tmp_path):
     from tests.conftest import run_cli
 

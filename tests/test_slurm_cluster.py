@@ -31,6 +31,8 @@ import pytest
 from megatron_vespo.train.policy import latest_checkpoint
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 TOOL = ROOT / "tools" / "slurm_localhost.sh"
 SLURM = ROOT / "examples" / "slurm"
 DEMO = ROOT / "examples" / "configs" / "demo_cpu.yaml"

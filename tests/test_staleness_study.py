@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import ROOT, _env
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 TOOL = os.path.join(ROOT, "tools", "staleness_study.py")
 TINY = ["rollout.prompts_per_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=4"]
 

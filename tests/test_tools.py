@@ -111,6 +111,7 @@ def test_gmpo_weight_clips_in_log_space(pk):
     assert _weights(pk, cfg, w, -1, "gmpo") == pytest.approx([0.0, 1.3, 2.0], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_plot_cli_writes_png_json_and_table(tmp_path):
     png, js = tmp_path / "kernel.png", tmp_path / "weights.json"
     proc = _run(PLOT_TOOL, "--k-pos", "2", "--lambda-pos", "4", "--w-max", "2.5", "--points", "80",
@@ -132,6 +133,7 @@ def test_plot_cli_writes_png_json_and_table(tmp_path):
     assert "A > 0" in proc.stdout and "A < 0" in proc.stdout and "vespo" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--k-pos", "0"], "--k-pos"),
     (["--out", "/nonexistent-dir/k.png"], "--out"),
@@ -188,6 +190,7 @@ def _csv(text):
     return list(csv.reader(io.StringIO(text)))
 
 
+@pytest.mark.slow
 def test_csv_union_of_columns_and_cells(tmp_path):
     src = _write_jsonl(tmp_path / "metrics.jsonl", ROWS)
     proc = _run(CSV_TOOL, str(tmp_path))  # a run directory resolves to its metrics.jsonl
@@ -214,6 +217,7 @@ def test_csv_union_of_columns_and_cells(tmp_path):
     assert header[0] == "step" and header[1:] == sorted(header[1:])
 
 
+@pytest.mark.slow
 def test_csv_truncated_last_line_is_a_warning(tmp_path):
     src = _write_jsonl(tmp_path / "metrics.jsonl", ROWS[:2], tail='{"step": 3, "reward/me')
     proc = _run(CSV_TOOL, str(src))
@@ -222,6 +226,7 @@ def test_csv_truncated_last_line_is_a_warning(tmp_path):
     assert [r[0] for r in _csv(proc.stdout)[1:]] == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_csv_malformed_middle_line_is_an_error(tmp_path):
     src = tmp_path / "metrics.jsonl"
     src.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"step": 2, oops}\n' + json.dumps(ROWS[2]) + "\n")
@@ -235,6 +240,7 @@ def test_csv_malformed_middle_line_is_an_error(tmp_path):
     assert proc.returncode == 1 and f"{src}:2" in proc.stderr and "object" in proc.stderr
 
 
+@pytest.mark.slow
 def test_csv_argument_errors(tmp_path):
     src = _write_jsonl(tmp_path / "metrics.jsonl", ROWS)
     proc = _run(CSV_TOOL, str(src), "--columns", "step,reward/mean,nope")

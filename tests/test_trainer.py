@@ -43,6 +43,7 @@ def _train_args(model_dir, run_dir, *extra):
     return ["train", "--config", CONFIG, f"model.hf_dir={model_dir}", f"run.run_dir={run_dir}", *SMALL, *extra]
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rollout.max_tokens'\]"):
         load_config(CONFIG, ["rollout.max_tokens=3"])
@@ -92,12 +93,14 @@ def test_mini_batches_grouped_in_order_or_shuffled():
         load_config(CONFIG, ["rollout.group_size=1"]).validate()
 
 
+@pytest.mark.slow
 def test_an_unreachable_engine_is_a_clear_error(model_dir, tmp_path):
     proc = run_cli(*_train_args(model_dir, tmp_path / "run", "rollout.engine=sglang", "rollout.weight_sync=distributed",
                                 "rollout.server_urls=http://127.0.0.1:9", "rollout.timeout_s=2"), timeout=300)
     assert proc.returncode != 0 and "rollout engine unreachable" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_short_run_writes_metrics_checkpoint_and_plot(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=4"), timeout=600)
@@ -138,6 +141,7 @@ def _assert_same_run(reference, resumed):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path, uninterrupted):
     steps = RESUME_STEPS
     killed = tmp_path / "killed"
@@ -162,6 +166,7 @@ def test_resume_after_a_kill_gives_the_same_losses(model_dir, tmp_path, uninterr
     _assert_same_run(uninterrupted, _metrics(killed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "stop file"])
 def test_a_stop_request_checkpoints_at_the_batch_boundary_and_resumes_exactly(model_dir, tmp_path, uninterrupted,
                                                                               how):
@@ -196,6 +201,7 @@ def test_a_stop_request_checkpoints_at_the_batch_boundary_and_resumes_exactly(mo
     _assert_same_run(uninterrupted, _metrics(run_dir))
 
 
+@pytest.mark.slow
 def test_data_parallel_training_matches_one_process(model_dir, tmp_path):
     """ep2 (data-parallel 2, experts split) under torchrun: the same rollouts, the same losses."""
     steps = ["run.steps=2", "run.plot=false"]
@@ -213,6 +219,7 @@ def test_data_parallel_training_matches_one_process(model_dir, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["r2", "r3"])
 def test_routing_replay_runs_in_the_loop(model_dir, tmp_path, mode):
     """R3 trains on the engine's routes, R2 on those recorded in the pi_old forward; the replay
@@ -233,6 +240,7 @@ def test_routing_replay_runs_in_the_loop(model_dir, tmp_path, mode):
         assert "mismatch/routing_agreement" not in rows[0]
 
 
+@pytest.mark.slow
 def test_async_rollouts_stay_within_the_policy_lag_bound(model_dir, tmp_path):
     run_dir = tmp_path / "async"
     proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=6", "run.plot=false", "algorithm.async_rollout=true",
@@ -255,6 +263,7 @@ def _serve(model_dir, port):
     return proc
 
 
+@pytest.mark.slow
 def test_an_engine_dying_mid_run_leaves_a_checkpoint_to_resume_from(model_dir, tmp_path):
     """SGLang-protocol servers over HTTP with the distributed weight-sync route (gloo here): the
     server is killed after the step-2 checkpoint; the run fails with the rollout error, the
@@ -303,6 +312,7 @@ def _safetensors(directory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_layout", ["single", "pp2vpp2"])
 def test_trainer_checkpoint_exports_to_hf(model_dir, tmp_path, train_layout):
     """``convert mcore-to-hf`` reads a trainer checkpoint (saved by one process, or by pp2 with two

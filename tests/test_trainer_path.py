@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, _env
 
+pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)
+
 MODES = ("none", "r2", "r3")
 STEPS = 4  # 2 rollout batches x staleness 2
 RESUMED_FROM = 2

@@ -69,6 +69,7 @@ SYNCS = [("distributed", "single", 1), ("distributed", "tp2", 2), ("distributed"
          ("distributed", "ep2", 2), ("disk", "ep2", 2)]
 
 
+@pytest.mark.slow
 def test_every_route_from_every_layout(models, engine):
     error_a, _ = engine_vs_hf(engine, models / "a")
     assert error_a < TOLERANCE
@@ -89,6 +90,7 @@ def test_every_route_from_every_layout(models, engine):
     # the engine is not left paused: a fresh generation runs (engine_vs_hf just did)
 
 
+@pytest.mark.slow
 def test_inprocess_route_from_ep2(models):
     proc = torchrun("weight_sync.py", 2, "--hf", str(models / "b"), "--layout", "ep2", "--route", "inprocess",
                     "--engine-model", str(models / "a"), "--version", "v7")
@@ -96,6 +98,7 @@ def test_inprocess_route_from_ep2(models):
     assert check["before"] > 0.1 and check["after"] < 1e-4 and check["version"] == "v7"
 
 
+@pytest.mark.slow
 def test_distributed_updates_are_refused_outside_an_update_session(engine):
     # SGLang 0.5.23 semantics, which the sync honours by wrapping in begin/end_weight_update
     control = EngineControl([engine])
