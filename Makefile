@@ -74,13 +74,14 @@ SGLANG_WHEELS := .cache/wheels
 # The SLURM tests start a localhost cluster (tools/slurm_localhost.sh): slurm-wlm and munge from apt
 # when missing and this is root; otherwise those tests say why and are skipped (.ci/run fails then).
 test: $(STAMP) $(NEW_STAMP) $(SGLANG_STAMP)
+	@echo "== venvs ready ($$(date +%T)) =="
 	@bash tools/slurm_localhost.sh install || echo "slurm-wlm/munge not installed: the SLURM cluster tests will be skipped"
 	@ls $(SGLANG_WHEELS)/sglang-0.5.23-*.whl >/dev/null 2>&1 || \
 		$(PY) -m pip download --quiet --no-deps sglang==0.5.23 -d $(SGLANG_WHEELS) || \
 		echo "sglang 0.5.23 wheel not available: schema tests use the recorded field list"
-	@echo "== full suite: Python 3.12, megatron-core 0.19.2 =="
+	@echo "== full suite: Python 3.12, megatron-core 0.19.2 ($$(date +%T)) =="
 	MEGATRON_VESPO_OTHER_MCORE_PYTHON=$(CURDIR)/$(PY) MEGATRON_VESPO_REQUIRE_OTHER_MCORE=1 $(NEW_PY) -m pytest -q tests
-	@echo "== compatibility: Python 3.11, megatron-core 0.16.1 =="
+	@echo "== compatibility: Python 3.11, megatron-core 0.16.1 ($$(date +%T)) =="
 	MEGATRON_VESPO_OTHER_MCORE_PYTHON=$(CURDIR)/$(NEW_PY) MEGATRON_VESPO_REQUIRE_OTHER_MCORE=1 $(PY) -m pytest -q $(COMPAT_TESTS)
 
 # The compatibility leg: what differs between releases, parity on 5 layouts (dp2, tp2, pp2, cp2,
