@@ -182,6 +182,14 @@ start_bg() {
 # alive PID: whether a background process is still running (always false for DRY_RUN's 0).
 alive() { [[ $1 != 0 ]] && kill -0 "$1" 2>/dev/null; }
 
+# wait_gone PID SECONDS: wait until PID has exited or SECONDS have passed.
+wait_gone() {
+  local deadline=$((SECONDS + $2))
+  while alive "$1" && ((SECONDS < deadline)); do
+    sleep 0.2
+  done
+}
+
 # step_id NAME: the JOBID.STEPID of this job's running step named NAME (srun --job-name=NAME),
 # empty when there is none or no SLURM.
 step_id() {
@@ -195,7 +203,7 @@ step_id() {
 # JOBID.STEPID`: SIGTERM to srun itself makes srun SIGKILL its tasks at once (SLURM 22.05 "forcing
 # job termination"), so nothing could shut down cleanly.
 stop_bg() {
-  local pid=$1 name=${2:-process} deadline=$((SECONDS + STOP_GRACE_S)) step out
+  local pid=$1 name=${2:-process} step out
   alive "$pid" || return 0
   step=$(step_id "$name")
   if [[ -n $step ]]; then
@@ -211,9 +219,7 @@ stop_bg() {
     log "stopping $name (pid $pid): SIGTERM, SIGKILL after $STOP_GRACE_S s"
     kill -TERM "$pid" 2>/dev/null || true
   fi
-  while alive "$pid" && ((SECONDS < deadline)); do
-    sleep 0.2
-  done
+  wait_gone "$pid" "$STOP_GRACE_S"
   if alive "$pid"; then
     log "$name did not stop in $STOP_GRACE_S s: SIGKILL"
     if [[ -n $step ]]; then scancel --signal=KILL "$step" 2>/dev/null || true; fi
@@ -225,13 +231,10 @@ stop_bg() {
 # stop_trainer: ask the trainer to stop (STOP_FILE: it ends its rollout batch, writes a checkpoint
 # and exits), then stop_bg after TRAIN_STOP_S.
 stop_trainer() {
-  local deadline=$((SECONDS + TRAIN_STOP_S))
   alive "$TRAIN_PID" || return 0
   log "asking the trainer to checkpoint and stop ($STOP_FILE; up to $TRAIN_STOP_S s)"
   : >"$STOP_FILE"
-  while alive "$TRAIN_PID" && ((SECONDS < deadline)); do
-    sleep 0.2
-  done
+  wait_gone "$TRAIN_PID" "$TRAIN_STOP_S"
   stop_bg "$TRAIN_PID" "$TRAIN_STEP"
 }
 
