@@ -96,8 +96,9 @@ COMPAT_TESTS := tests/test_mcore_versions.py \
 test-fast: $(NEW_STAMP)
 	$(NEW_PY) -m pytest -q -m "not slow" tests
 
-benchmark: $(STAMP)
+benchmark: $(STAMP) $(NEW_STAMP)
 	$(PY) benchmarks/bench_hook.py
+	$(NEW_PY) benchmarks/bench_scoring.py
 
 clean:
 	rm -rf $(VENV) $(NEW_VENV) $(SGLANG_VENV) build *.egg-info

@@ -26,10 +26,11 @@ import torch
 
 from megatron_vespo import comm, kernel, losses
 from megatron_vespo.batch import MicroBatch
-from megatron_vespo.logprobs import vocab_parallel_logprobs
+from megatron_vespo.logprobs import logprobs_from_hidden, vocab_parallel_logprobs
 from megatron_vespo.losses import LossConfig, SequenceStats, TokenBatch
 
 CP_TAG = "hook_sequence_stats_cp_all_reduce"
+SP_TAG = "scoring_sequence_parallel_all_gather"  # hidden states, scoring from hidden states only
 TOTALS = ("response_tokens", "sequences", "sequences/adv_pos", "sequences/adv_neg")  # sums over the step
 
 
@@ -212,36 +213,73 @@ def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
 
 
 def make_scoring_step(on_logprobs, temperature: float = 1.0, groups: HookGroups | None = None,
-                      before_model=None, after_model=None):
+                      before_model=None, after_model=None, from_hidden: bool | None = None):
     """A forward-only ``forward_step_func`` that scores, the one every scoring pass uses (pi_old,
     ``score``, the mismatch study): the fp32 log-probs of the micro-batch's response tokens at
     ``temperature`` (vocab-parallel; the vocabulary is never gathered) are handed to
     ``on_logprobs(mb, rows, logp)`` on the last pipeline stage, on every TP rank, where ``rows``
     index the flattened micro-batch (on the model's device). ``before_model(model, host_mb)`` /
     ``after_model(model)`` run around the model call (routing replay, which reads the batch as
-    built, on the host). The loss it returns is a zero: nothing is trained."""
+    built, on the host). The loss it returns is a zero: nothing is trained.
+
+    ``from_hidden`` (default: where Megatron-Core has GPTModel's ``output_processor``, see
+    mcore/versions.py) computes the log-probs from the last hidden states inside the model, a
+    chunk of response rows at a time (:func:`logprobs.logprobs_from_hidden`), so the logits of
+    the whole micro-batch never exist; otherwise the model returns its logits [b, s, vocab/tp]."""
+    from megatron_vespo.mcore import versions
+
+    if from_hidden is None:
+        from_hidden = versions.has_output_processor()
+    elif from_hidden and not versions.has_output_processor():
+        raise RuntimeError(f"scoring from hidden states needs GPTModel's output_processor (megatron-core "
+                           f">= 0.18); {versions.mcore_version()} is installed")
 
     def forward_step(data_iterator, model):
         host: MicroBatch = next(data_iterator)
         mb = host.to(model_device(model))
         hook_groups = groups or HookGroups.from_parallel_state()
+        # found on the host (no device sync), then moved with the batch
+        rows = host.loss_mask.reshape(-1).nonzero().squeeze(1).to(mb.labels.device)
+        targets = mb.labels.reshape(-1)[rows]
+        extra = {}
+        if from_hidden:
+            extra = dict(output_processor=_response_logprobs_processor,
+                         output_processor_context=(rows, targets, temperature, hook_groups))
         if before_model is not None:
             before_model(model, host)
-        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(), **extra)
         if after_model is not None:
             after_model(model)
 
-        def loss_func(logits):
-            rows = mb.loss_mask.reshape(-1).nonzero().squeeze(1)
-            logp, _ = vocab_parallel_logprobs(
-                logits.reshape(-1, logits.shape[-1]), rows, mb.labels.reshape(-1)[rows],
-                vocab_start=hook_groups.tp_rank * logits.shape[-1], temperature=temperature, group=hook_groups.tp)
+        def loss_func(output):
+            if from_hidden:
+                logp = output
+            else:
+                logp, _ = vocab_parallel_logprobs(
+                    output.reshape(-1, output.shape[-1]), rows, targets,
+                    vocab_start=hook_groups.tp_rank * output.shape[-1], temperature=temperature,
+                    group=hook_groups.tp)
             on_logprobs(mb, rows, logp.detach())
-            return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {}
+            return logp.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logp.device), {}
 
         return output, loss_func
 
     return forward_step
+
+
+def _response_logprobs_processor(*, hidden_states, output_layer, output_weight, scale_logits, context, **_):
+    """GPTModel's ``output_processor`` for scoring: the response rows' log-probs, from the decoder's
+    last hidden states [s (/tp under sequence parallelism), b, h] and the output layer's weight."""
+    rows, targets, temperature, groups = context
+    if getattr(output_layer, "sequence_parallel", False):
+        hidden_states = comm.all_gather_stack(hidden_states, groups.tp, tag=SP_TAG).flatten(0, 1)
+    if getattr(output_layer, "bias", None) is not None:
+        raise NotImplementedError("scoring from hidden states assumes an output layer without a bias")
+    weight = output_layer.weight if output_weight is None else output_weight
+    hidden = hidden_states.transpose(0, 1).reshape(-1, hidden_states.shape[-1])[rows]  # [b, s] order
+    logp, _ = logprobs_from_hidden(hidden, weight, targets, vocab_start=groups.tp_rank * weight.shape[0],
+                                   temperature=temperature, group=groups.tp, scale_logits=scale_logits)
+    return logp
 
 
 def _loss_func(mb, cfg, groups, chunk_tokens, output_tensor):

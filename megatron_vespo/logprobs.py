@@ -146,13 +146,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         else:
             local, shift, spans, in_place = _torch_forward(logits, rows, local_targets, owned, temperature,
                                                            chunk_tokens, inplace_grad)
-        gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
-        lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
-        log_z = torch.logsumexp(lse_r, dim=0)
-        # H = -sum_r w_r (sum_v p_r,v log p_r,v + log w_r), w_r = exp(lse_r - log Z): no cancellation
-        log_w_r = lse_r - log_z
-        entropy = -(log_w_r.exp() * (neg_entropy_r + log_w_r)).sum(0)
-        logp = target_r.sum(0) - log_z
+        logp, entropy, log_z = _combine_shards(local, group)
         # In place, the logits' version counter moved: any other reader that saved them fails loudly.
         ctx.save_for_backward(logits, rows, local_targets, owned, log_z, shift)
         ctx.temperature, ctx.spans, ctx.inplace_grad, ctx.in_place = temperature, spans, inplace_grad, in_place
@@ -173,6 +167,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 torch.autograd.graph.increment_version(logits)
             return grad_logits, None, None, None, None, None, None, None
         return _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift)
+
+
+def _combine_shards(local: torch.Tensor, group):
+    """(log p, entropy, log Z) per row from every TP rank's [n, 3] shard statistics: one all-gather."""
+    gathered = comm.all_gather_stack(local, group, tag=TP_TAG)  # [tp, n, 3]
+    lse_r, neg_entropy_r, target_r = gathered.unbind(-1)
+    log_z = torch.logsumexp(lse_r, dim=0)
+    # H = -sum_r w_r (sum_v p_r,v log p_r,v + log w_r), w_r = exp(lse_r - log Z): no cancellation
+    log_w_r = lse_r - log_z
+    entropy = -(log_w_r.exp() * (neg_entropy_r + log_w_r)).sum(0)
+    return target_r.sum(0) - log_z, entropy, log_z
 
 
 def _torch_forward(logits, rows, local_targets, owned, temperature, chunk_tokens, inplace_grad):
@@ -273,3 +278,51 @@ def vocab_parallel_logprobs(
         logits, rows.long(), targets.long(), int(vocab_start), float(temperature), group,
         int(chunk_tokens), bool(inplace_grad),
     )
+
+
+@torch.no_grad()
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int = 0,
+    temperature: float = 1.0,
+    group=None,
+    chunk_tokens: int | None = None,
+    scale_logits=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only: log p(targets) and entropy of the rows of ``hidden`` [n, h] through this
+    rank's shard of the output layer, ``weight`` [vocab_local, h] (logits = hidden @ weight.T,
+    then ``scale_logits``). The logits are formed ``chunk_tokens`` rows at a time and reduced to
+    the same [n, 3] shard statistics as :func:`vocab_parallel_logprobs`: at most one chunk of
+    logits exists at once, and rows not asked for are never multiplied. Same dtypes as there."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [n, h] and weight [vocab_shard, h] must agree, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be one per row of hidden {tuple(hidden.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab_local, n = weight.shape[0], hidden.shape[0]
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_BYTES // (4 * max(1, vocab_local)))
+    acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    local = torch.empty((n, 3), dtype=acc, device=hidden.device)
+    local_targets = targets.long() - int(vocab_start)
+    owned = (local_targets >= 0) & (local_targets < vocab_local)
+    for start in range(0, n, chunk_tokens):
+        count = min(chunk_tokens, n - start)
+        logits = hidden[start:start + count] @ weight.t()
+        if scale_logits is not None:
+            logits = scale_logits(logits)
+        rows = torch.arange(count, device=hidden.device)
+        kernels = _use_kernels(logits)
+        if kernels is not None:
+            local[start:start + count] = kernels.row_stats(logits, rows, local_targets[start:start + count],
+                                                           float(temperature))
+        else:  # the chunk is ours: the fp32 torch path may work in it in place
+            stats, *_ = _torch_forward(logits, rows, local_targets[start:start + count],
+                                       owned[start:start + count], float(temperature), count, inplace_grad=True)
+            local[start:start + count] = stats
+    logp, entropy, _ = _combine_shards(local, group)
+    return logp, entropy

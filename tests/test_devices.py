@@ -23,10 +23,15 @@ class MetaModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(4, device="meta"))
         self.vocab, self.seen = vocab, []
 
-    def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None):
+    def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None, output_processor=None,
+                output_processor_context=None):
         self.seen = [tokens.device, position_ids.device]
         if packed_seq_params is not None:
             self.seen += [packed_seq_params.cu_seqlens_q.device, packed_seq_params.cu_seqlens_q_padded.device]
+        if output_processor is not None:  # scoring from hidden states: the rows and targets it is given
+            rows, targets = output_processor_context[:2]
+            self.seen += [rows.device, targets.device]
+            return torch.empty(rows.shape, device="meta")
         return torch.empty(*tokens.shape, self.vocab, device="meta")
 
 
@@ -36,17 +41,21 @@ def _micro_batch():
     return build_micro_batch(samples, "packed")
 
 
-@pytest.mark.parametrize("which", ["training", "scoring"])
-def test_forward_steps_move_host_batches_to_the_models_device(which):
+@pytest.mark.parametrize("which", ["training", "scoring from logits", "scoring from hidden states"])
+def test_forward_steps_move_host_batches_to_the_models_device(which, monkeypatch):
+    from megatron_vespo.mcore import versions
+
     mb = _micro_batch()
     assert mb.tokens.device.type == "cpu"
     model = MetaModel()
     if which == "training":
         step = make_forward_step(LossConfig(name="vespo", correction="fold"), HookGroups())
     else:
-        step = make_scoring_step(lambda *args: None, groups=HookGroups())
+        monkeypatch.setattr(versions, "has_output_processor", lambda: True)  # the model here takes it
+        step = make_scoring_step(lambda *args: None, groups=HookGroups(), from_hidden=which.endswith("states"))
     output, loss_func = step(iter([mb]), model)
-    assert model.seen and all(device.type == "meta" for device in model.seen), model.seen
+    assert len(model.seen) == (6 if which.endswith("states") else 4)
+    assert all(device.type == "meta" for device in model.seen), model.seen
     assert output.device.type == "meta"
     moved = loss_func.args[0] if which == "training" else None  # the hook keeps the moved batch
     if moved is not None:

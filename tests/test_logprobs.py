@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megatron_vespo.logprobs import vocab_parallel_logprobs
+from megatron_vespo.logprobs import logprobs_from_hidden, vocab_parallel_logprobs
 from tests.conftest import torchrun
 
 
@@ -77,3 +77,32 @@ def test_inplace_gradient_reuses_logits_memory_and_matches():
         assert (captured["ptr"] == logits.data_ptr()) == inplace
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
     assert grads[1][0].abs().sum() == 0 and grads[1][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_from_hidden_states_match_the_logits_path(chunk, dtype):
+    """Chunked hidden @ weight.T (then the logit scale) gives what the full logits give."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(10, 16, generator=gen).to(dtype)
+    weight = torch.randn(37, 16, generator=gen).to(dtype)
+    targets = torch.randint(0, 37, (10,), generator=gen)
+    scale = lambda z: z * 0.5  # noqa: E731 -- a MuP-like output scale
+    logp, entropy = logprobs_from_hidden(hidden, weight, targets, temperature=0.7, chunk_tokens=chunk,
+                                         scale_logits=scale)
+    ref_logp, ref_entropy = vocab_parallel_logprobs(scale(hidden @ weight.t()), torch.arange(10), targets,
+                                                    temperature=0.7)
+    torch.testing.assert_close(logp, ref_logp.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=0, atol=1e-6)
+    assert logp.dtype == torch.float32 and not logp.requires_grad
+    wrong, _ = logprobs_from_hidden(hidden, weight, targets, temperature=0.7, chunk_tokens=chunk)
+    assert (wrong - logp).abs().max() > 1e-2  # the scale is applied, not dropped
+
+
+def test_logprobs_from_hidden_states_name_bad_shapes():
+    with pytest.raises(ValueError, match="must agree"):
+        logprobs_from_hidden(torch.zeros(3, 4), torch.zeros(5, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="one per row"):
+        logprobs_from_hidden(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_hidden(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), temperature=0)

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_vespo.mcore import versions
-from tests.conftest import ROOT, _env
+from tests.conftest import ROOT, _env, torchrun
 
 OTHER_PYTHON_ENV = "MEGATRON_VESPO_OTHER_MCORE_PYTHON"  # the other leg's interpreter (set by make test)
 
@@ -89,14 +87,56 @@ def test_canonical_routes_are_ascending_expert_ids():
     assert versions.canonical_routes(routes).tolist() == [[[1, 3, 5], [0, 2, 7]]]
 
 
-def test_aux_loss_gradient_factor_as_versions_says():
-    """transformer/moe/router.py: whether the per-token aux loss is scaled by the TP x CP size."""
-    from megatron.core.transformer.moe import router
+@pytest.mark.slow
+def test_aux_loss_gradient_factor_as_versions_says(tmp_path):
+    """transformer/moe/router.py: the router weights' load-balancing gradient at tp2 over tp1 (the
+    same tokens, the hook's per-token loss, every advantage 0 so the policy loss adds nothing) is
+    the factor versions names divided by tp: 1 on 0.19+, 1/2 before."""
+    def router_grads(nproc, layout, coeff="0.01"):
+        out = tmp_path / f"{layout}-{coeff}.pt"
+        torchrun("aux_loss.py", nproc, "--layout", layout, "--out", str(out), "--coeff", coeff)
+        return torch.load(out, weights_only=True)
 
-    source = Path(router.__file__).read_text()
-    scaled = bool(re.search(r"aux_loss \* num_local_tokens \* self\.tp_cp_group\.size\(\)", source))
-    assert scaled == (versions.aux_loss_gradient_factor(2, 2) == 4)
+    alone, tp2 = router_grads(1, "single"), router_grads(2, "tp2")
+    assert alone.keys() == tp2.keys() and len(alone) == 3  # the tiny model's three MoE layers
+    expected = versions.aux_loss_gradient_factor(2, 1) / 2
+    for name in alone:
+        assert alone[name].norm() > 1e-4, name
+        torch.testing.assert_close(tp2[name], alone[name] * expected, rtol=1e-4, atol=1e-8)
+    # without the aux loss the routers get nothing: the gradients above are the aux loss's alone
+    assert all(g.abs().max() == 0 for g in router_grads(1, "single", "0").values())
     assert versions.aux_loss_gradient_factor(1, 1) == 1
+
+
+def test_output_processor_as_versions_says():
+    """models/gpt/gpt_model.py: whether GPTModel.forward takes an output_processor."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    parameters = inspect.signature(GPTModel.forward).parameters
+    assert versions.has_output_processor() == ("output_processor" in parameters)
+    assert versions.has_output_processor() == ("output_processor_context" in parameters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("--layout", "tp2", "--temperature", "0.7"),  # sequence parallelism: the hidden states gathered
+    ("--layout", "pp2", "--tied", "--format", "padded"),  # the tied output weight on the last stage
+    ("--layout", "cp2"),
+], ids=lambda a: " ".join(a[1:]))
+def test_scoring_from_hidden_states_equals_the_logits_path(args):
+    """The scoring step's log-probs through output_processor (0.18+) equal those from the logits,
+    and both the fp64 reference; an older release refuses the path by name."""
+    proc = torchrun("scoring_paths.py", 2, *args)
+    report = json.loads(proc.stdout.split("SCORING_OK", 1)[1].strip().splitlines()[0])
+    assert report["logits_vs_fp64"] < 1e-5
+    if versions.has_output_processor():
+        assert report["paths"] == ["hidden", "logits"]
+        assert report["hidden_vs_fp64"] < 1e-5 and report["hidden_vs_logits"] < 1e-6
+        assert report["hidden_sp_gathers"] == (2 if "tp2" in args else 0)  # one per micro-batch
+    else:
+        assert report["paths"] == ["logits"]
 
 
 SAVE = """

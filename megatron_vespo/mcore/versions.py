@@ -19,6 +19,10 @@ other end of the range.
 * Checkpoint direction (``dist_checkpointing/serialization.py``, 0.19+): the common state is saved
   inside the shards instead of ``common.pt``. 0.19 reads both; 0.16-0.18 cannot read 0.19's and
   fail with an AttributeError naming no file, hence :func:`check_checkpoint_readable`.
+* ``output_processor`` (``models/gpt/gpt_model.py``, 0.18+): ``GPTModel.forward`` hands the last
+  hidden states and the output layer to a caller's function instead of forming the logits; the
+  scoring passes use it to compute log-probs a chunk of response rows at a time
+  (``hook.make_scoring_step``). Before 0.18 they take the logits of the whole micro-batch.
 * ``RouterReplay.layer_number`` (``transformer/moe/router_replay.py``, 0.19+): each router's
   replay knows its global 1-based layer (PP/VPP offset included); before, only the
   ``TransformerLayer`` does.
@@ -128,6 +132,13 @@ def check_checkpoint_readable(directory: str) -> None:
             f"there is no {LEGACY_COMMON_FILE}); the installed megatron-core {mcore_version()} cannot read it. "
             "Load it with megatron-core >= 0.19 (Python >= 3.12), or convert it there to Hugging Face "
             "(megatron-vespo convert mcore-to-hf) and start from that")
+
+
+# -- models/gpt/gpt_model.py (0.18+): output_processor -------------------------------------------------
+
+def has_output_processor() -> bool:
+    """Whether ``GPTModel.forward`` takes ``output_processor`` (and ``output_processor_context``)."""
+    return at_least("0.18")
 
 
 # -- transformer/moe/router_replay.py (0.19+): RouterReplay.layer_number --------------------------------
