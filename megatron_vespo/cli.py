@@ -30,9 +30,13 @@ def main(argv=None) -> int:
     launcher.add_arguments(parity)
     parity.set_defaults(func=launcher.run_parity)
 
+    from megatron_vespo import score
     from megatron_vespo.convert import cli as convert_cli
+    from megatron_vespo.train.checkpoints import model_checkpoint
 
-    convert_cli.add_commands(sub)
+    # convert reads trainer checkpoints through the trainer's own reader: convert does not import train
+    convert_cli.add_commands(sub, trainer_checkpoint=model_checkpoint)
+    score.add_command(sub)
 
     from megatron_vespo.rollout import launch, serve_local
 
@@ -85,8 +89,10 @@ def main(argv=None) -> int:
     launch.add_arguments(launch_parser)
     launch_parser.set_defaults(func=launch.main)
 
-    if argv is None and not sys.argv[1:] and convert_cli.ARGV_ENV in os.environ:
-        argv = json.loads(os.environ.pop(convert_cli.ARGV_ENV))  # a rank started by run_distributed
+    from megatron_vespo.launcher import ARGV_ENV
+
+    if argv is None and not sys.argv[1:] and ARGV_ENV in os.environ:
+        argv = json.loads(os.environ.pop(ARGV_ENV))  # a rank started by run_distributed
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # commands that start torchrun re-run themselves with the same arguments

@@ -160,7 +160,7 @@ def test_every_command_takes_data_parallelism_from_the_world_size(monkeypatch):
     processes that run (the paper's 32-GPU layout: 4 data-parallel replicas of tp2 x pp2)."""
     import argparse
 
-    from megatron_vespo.convert.cli import layout_from_args
+    from megatron_vespo.launcher import layout_from_args
 
     args = argparse.Namespace(tp=2, pp=2, vpp=1, cp=1, ep=8, etp=1)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vespo.train.policy import latest_checkpoint
+from megatron_vespo.train.checkpoints import latest_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # every test here starts processes (conftest: the fast tier)

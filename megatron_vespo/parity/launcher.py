@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
+from megatron_vespo.launcher import run_module, worker_environment
 from megatron_vespo.losses import LossConfig
 from megatron_vespo.mcore.parallel import Layout
 
+WORKER = "megatron_vespo.parity.worker"
 
-def _worker_command(layout: Layout, args, json_out: str) -> list[str]:
-    cmd = [sys.executable]
-    if layout.world_size > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={layout.world_size}"]
-    cmd += [
-        "-m", "megatron_vespo.parity.worker",
+
+def _worker_arguments(layout: Layout, args, json_out: str) -> list[str]:
+    cmd = [
         "--layout", str(layout),
         "--losses", args.losses,
         "--formats", args.formats,
@@ -125,11 +123,8 @@ def run_parity(args) -> int:
     if args.tolerance is None:
         args.tolerance, why = default_tolerance(args.device)
         print(f"parity: tolerance {args.tolerance:g} ({why})")
-    env = dict(os.environ)
-    if args.device == "cpu":  # the reference runs on the CPU; Megatron too, on gloo
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    # the reference runs on the CPU; with --device cpu Megatron too, on gloo
+    env = worker_environment(single_thread=True, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
     rows: list[dict] = []
     print("Each check runs Megatron-Core's real forward/backward (get_forward_backward_func, DDP,\n"
           "finalize_model_grads) with the policy-loss hook on a seeded 4-layer MoE GPT (8 experts,\n"
@@ -142,8 +137,8 @@ def run_parity(args) -> int:
             json_out = os.path.join(tmp, f"{layout}.json")
             start = time.perf_counter()
             print(f"[{i}/{len(layouts)}] {layout} on {layout.world_size} process(es) ...", end=" ", flush=True)
-            proc = subprocess.run(_worker_command(layout, args, json_out), env=env,
-                                  capture_output=True, text=True, timeout=args.timeout)
+            proc = run_module(WORKER, layout.world_size, _worker_arguments(layout, args, json_out), env=env,
+                              capture_output=True, text=True, timeout=args.timeout)
             seconds = time.perf_counter() - start
             if proc.returncode != 0 or not os.path.exists(json_out):
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
