@@ -63,10 +63,9 @@ def run(args) -> dict:
         tokens = torch.randint(0, 8192, (args.length,), generator=gen)
         samples.append(Sample(tokens=tokens, prompt_len=prompt, advantage=float(torch.randn(1, generator=gen)),
                               old_logprobs=None, engine_logprobs=None))
-    for s, old in zip(samples, policy.logprobs(samples)):
+    for s, old in zip(samples, policy.logprobs(samples)[0]):
         s.old_logprobs = old
-    policy.logprobs(samples, routes="record")  # the routes replayed below: the model's own
-    routes = policy.routes
+    _, routes = policy.logprobs(samples, record=True)  # the routes replayed below: the model's own
     ids = list(range(len(samples)))
     replay = policy.replay
 
@@ -74,21 +73,20 @@ def run(args) -> dict:
         policy.logprobs(samples)
 
     def record_forward():
-        policy.logprobs(samples, routes="record")
-        policy.routes = routes
+        policy.logprobs(samples, record=True)
 
     def replay_forward():
-        policy.logprobs(samples, routes="replay")
+        policy.logprobs(samples, replay=routes)
 
     def plain_step():
         policy.replay = None
         try:
-            policy.train_step(samples, ids)
+            policy.train_step(samples, ids)  # no routes: replay is off
         finally:
             policy.replay = replay
 
     def replay_step():
-        policy.train_step(samples, ids)
+        policy.train_step(samples, ids, routes)
 
     cases = {"plain_forward": plain_forward, "record_forward": record_forward, "replay_forward": replay_forward,
              "plain_step": plain_step, "replay_step": replay_step}

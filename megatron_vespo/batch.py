@@ -33,6 +33,14 @@ class Sample:
     def response_len(self) -> int:
         return int(self.tokens.numel()) - int(self.prompt_len)
 
+    @classmethod
+    def from_rollout(cls, rollout, advantage: float = 0.0) -> "Sample":
+        """A sample of an engine rollout (anything with ``prompt_ids``, ``response_ids`` and
+        ``engine_logprobs``); pi_old is filled in later (recomputed) or never (bypass)."""
+        return cls(tokens=torch.tensor(list(rollout.prompt_ids) + list(rollout.response_ids), dtype=torch.long),
+                   prompt_len=len(rollout.prompt_ids), advantage=float(advantage), old_logprobs=None,
+                   engine_logprobs=torch.as_tensor(rollout.engine_logprobs, dtype=torch.float32).reshape(-1))
+
 
 def _check_logprobs(name: str, values, expected: int, index: int) -> None:
     if values is None:

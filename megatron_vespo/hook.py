@@ -213,14 +213,13 @@ def make_forward_step(cfg: LossConfig, groups: HookGroups | None = None,
 
 
 def make_scoring_step(on_logprobs, temperature: float = 1.0, groups: HookGroups | None = None,
-                      before_model=None, after_model=None, from_hidden: bool | None = None):
+                      from_hidden: bool | None = None):
     """A forward-only ``forward_step_func`` that scores, the one every scoring pass uses (pi_old,
     ``score``, the mismatch study): the fp32 log-probs of the micro-batch's response tokens at
     ``temperature`` (vocab-parallel; the vocabulary is never gathered) are handed to
     ``on_logprobs(mb, rows, logp)`` on the last pipeline stage, on every TP rank, where ``rows``
-    index the flattened micro-batch (on the model's device). ``before_model(model, host_mb)`` /
-    ``after_model(model)`` run around the model call (routing replay, which reads the batch as
-    built, on the host). The loss it returns is a zero: nothing is trained.
+    index the flattened micro-batch (on the model's device). The loss it returns is a zero:
+    nothing is trained. Routing replay wraps it as it wraps the training step (``RoutingReplay.wrap``).
 
     ``from_hidden`` (default: where Megatron-Core has GPTModel's ``output_processor``, see
     mcore/versions.py) computes the log-probs from the last hidden states inside the model, a
@@ -245,11 +244,7 @@ def make_scoring_step(on_logprobs, temperature: float = 1.0, groups: HookGroups 
         if from_hidden:
             extra = dict(output_processor=_response_logprobs_processor,
                          output_processor_context=(rows, targets, temperature, hook_groups))
-        if before_model is not None:
-            before_model(model, host)
         output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(), **extra)
-        if after_model is not None:
-            after_model(model)
 
         def loss_func(output):
             if from_hidden:
@@ -290,7 +285,7 @@ def _reduction(name: str) -> str:
     return "max" if name.endswith("/max") else "min" if name.endswith("/min") else "sum"
 
 
-def reduce_metrics(losses_reduced: list[dict], groups=None) -> dict[str, float]:
+def reduce_metrics(losses_reduced: list[dict]) -> dict[str, float]:
     """Reduce the hook's metric pairs over micro-batches and DP x CP, then send them from the last
     pipeline stage to every stage (so the logging rank, global rank 0, has them).
 

@@ -232,7 +232,6 @@ class LossSpec:
     fn: Callable[[SequenceStats, TokenBatch, LossConfig], LossOutput]
     # Extra detached per-token values the loss needs summed per sequence (same all-reduce).
     sequence_sums: Callable[[TokenBatch, torch.Tensor, LossConfig], dict[str, torch.Tensor]] | None = None
-    sequence_sum_names: tuple[str, ...] = ()
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -241,7 +240,7 @@ LOSSES: dict[str, LossSpec] = {
     "gspo": LossSpec(gspo_loss),
     "sapo": LossSpec(sapo_loss),
     "cispo": LossSpec(cispo_loss),
-    "gmpo": LossSpec(gmpo_loss, gmpo_sequence_sums, ("gmpo_log_ratio",)),
+    "gmpo": LossSpec(gmpo_loss, gmpo_sequence_sums),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_vespo.train.config import load_config
-from megatron_vespo.train.trainer import group_advantages, mini_batch_ids, version_number
+from megatron_vespo.train.trainer import AsyncProducer, group_advantages, mini_batch_ids, version_number
 from tests.conftest import ROOT, _env, run_cli
 
 CONFIG = os.path.join(ROOT, "examples", "configs", "demo_cpu.yaml")
@@ -91,6 +91,67 @@ def test_mini_batches_grouped_in_order_or_shuffled():
         load_config(CONFIG, ["algorithm.mini_batch_order=random"]).validate()
     with pytest.raises(ValueError, match="rollout.group_size = 1: group advantages need at least 2"):
         load_config(CONFIG, ["rollout.group_size=1"]).validate()
+
+
+def test_a_sample_from_a_rollout_holds_prompt_then_response():
+    from types import SimpleNamespace
+
+    from megatron_vespo.batch import Sample
+
+    rollout = SimpleNamespace(prompt_ids=[5, 6, 7], response_ids=[8, 9],
+                              engine_logprobs=np.array([-0.5, -1.25], dtype=np.float32))
+    sample = Sample.from_rollout(rollout, advantage=-0.75)
+    assert sample.tokens.tolist() == [5, 6, 7, 8, 9] and sample.tokens.dtype == torch.long
+    assert sample.prompt_len == 3 and sample.response_len == 2 and sample.advantage == -0.75
+    assert sample.engine_logprobs.tolist() == [-0.5, -1.25] and sample.engine_logprobs.dtype == torch.float32
+    assert sample.old_logprobs is None
+
+
+def test_the_async_producer_stays_at_most_max_ahead_and_hands_on_errors():
+    import threading
+
+    generated, lock = [], threading.Lock()
+
+    def generate(index, uid):
+        with lock:
+            generated.append((index, uid))
+        if index == 3:
+            raise ValueError("engine gone")
+        return (index, uid)
+
+    producer = AsyncProducer(generate, first_index=1, first_uid=40, prompts_per_batch=8, total_batches=5, max_ahead=2)
+    try:
+        deadline = time.time() + 10
+        while len(generated) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert generated == [(1, 40), (2, 48)]  # two ahead, then it waits for training to take one
+        assert producer.take() == (1, 40)
+        assert producer.take() == (2, 48)
+        with pytest.raises(RuntimeError, match="rollout failed: engine gone"):
+            producer.take()
+        assert generated == [(1, 40), (2, 48), (3, 56)]  # nothing generated after the failure
+    finally:
+        producer.stop()
+    assert not producer.thread.is_alive()
+
+
+def test_policy_routes_are_checked_before_any_work():
+    from megatron_vespo.train.policy import Policy
+
+    policy = Policy.__new__(Policy)  # the checks need no model
+    policy.replay, policy.trainable = None, True
+    with pytest.raises(ValueError, match="either replays routes or records them"):
+        policy.logprobs([], replay=[], record=True)
+    with pytest.raises(ValueError, match="built without it"):
+        policy.logprobs([], record=True)
+    with pytest.raises(ValueError, match="built without it"):
+        policy.train_step([], [], routes=[])
+    policy.replay = object()
+    with pytest.raises(ValueError, match="needs the routes to replay"):
+        policy.train_step([], [])
+    with pytest.raises(ValueError, match="2 route sets for 1 samples"):
+        policy.train_step([object()], [0], routes=[None, None])
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ For each routing-replay mode (none, r2, r3) it runs the trainer's real sequence 
 (R2 records routes there; R3 replays the engine's) -> N optimizer steps -> weight sync to the engine
 -> checkpoint -> rollout batch 2 -> N steps -> weight sync -> final checkpoint; then a second Trainer
 resumes from the mid-run checkpoint (as after a kill) and trains batch 2 again. Only the engine's
-sampling is replaced: ``_generate`` returns fixed batches (samples, rewards, engine log-probs and
+sampling is replaced: ``generate_batch`` returns fixed batches (samples, rewards, engine log-probs and
 routed experts), so nothing is left to chance.
 
 At every optimizer step every rank compares with the reference: the loss, every gradient before
@@ -142,10 +142,7 @@ class ReferenceTrainer:
     def rollout_batch(self, batch) -> None:
         rewards = torch.tensor(batch.rewards, dtype=torch.float64).view(-1, GROUP)
         advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + ADVANTAGE_EPS)
-        samples = [Sample(tokens=torch.tensor(s.prompt_ids + s.response_ids), prompt_len=len(s.prompt_ids),
-                          advantage=float(a), old_logprobs=None,
-                          engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
-                   for s, a in zip(batch.samples, advantages.flatten())]
+        samples = [Sample.from_rollout(s, float(a)) for s, a in zip(batch.samples, advantages.flatten())]
         model = ReferenceMoE(self.m, self.params)
         routes = None
         if self.mode == "r3":
@@ -222,7 +219,7 @@ class FixedRolloutTrainer:
         from megatron_vespo.train.trainer import Trainer
 
         class _Trainer(Trainer):
-            def _generate(self, index: int, first_uid: int):
+            def generate_batch(self, index: int, first_uid: int):
                 batch = batches[index]
                 assert batch.first_uid == first_uid, (batch.first_uid, first_uid)
                 return dataclasses.replace(batch, samples=[dataclasses.replace(s) for s in batch.samples])
@@ -264,8 +261,8 @@ def observe(trainer, m, initial, record: list) -> None:
                               for name, p, _ in _local_items(trainer, m)}
         return out
 
-    def train_step(samples, ids):
-        metrics = real_train_step(samples, ids)
+    def train_step(samples, ids, routes=None):
+        metrics = real_train_step(samples, ids, routes)
         record.append(dict(ids=list(ids), metrics=metrics, **current))
         current.clear()
         return metrics

@@ -5,8 +5,8 @@
    log-probs and the experts every token was sent to.            [global rank 0, broadcast]
 2. Scoring: the same tokens through the Megatron-Core model in the requested layout (tensor,
    pipeline, virtual pipeline, context, expert parallel), recording the experts its own routers
-   choose (``Policy.logprobs(routes="record")``); with ``--r3`` a second pass replays the
-   engine's experts (``routes="replay"``).
+   choose (``Policy.logprobs(record=True)``); with ``--r3`` a second pass replays the
+   engine's experts (``Policy.logprobs(replay=engine_routes)``).
 3. Report (``megatron_vespo.mismatch``): per-token |log pi - log mu| distribution, k1/k2/k3
    KL(engine || trainer), sequence log W against response length with the fraction of sequences
    whose VESPO phi(W) is effectively zero, and routing agreement per MoE layer; all of it again
@@ -29,13 +29,11 @@ import numpy as np
 import torch
 
 from megatron_vespo import comm, mismatch
+from megatron_vespo.launcher import log
 
 SYNTHETIC_PREFIX = "synthetic:"
 
 
-def log(message: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -150,24 +148,23 @@ def _policy(args, layout):
     return Policy(cfg, layout, trainable=False)
 
 
-def score(policy, samples, routes_mode: str | None, chunk_size: int, desc: str):
-    """Per-sample trainer log-probs (and, when recording, the trainer's routes), in chunks."""
+def score(policy, samples, chunk_size: int, desc: str, replay: list | None = None, record: bool = False):
+    """Per-sample trainer log-probs and, when ``record``, the trainer's routes, in chunks of
+    samples; ``replay``: per-sample routes to route by (R3)."""
     from tqdm import tqdm
 
     logprobs, routes = [], []
     bar = tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr,
                disable=torch.distributed.get_rank() != 0)
-    engine_routes = policy.routes
     for start in range(0, len(samples), chunk_size):
         chunk = samples[start:start + chunk_size]
-        if routes_mode == "replay":
-            policy.routes = engine_routes[start:start + chunk_size]
-        logprobs.extend(policy.logprobs(chunk, routes=routes_mode))
-        if routes_mode == "record":
-            routes.extend(policy.routes)
+        chunk_replay = None if replay is None else replay[start:start + chunk_size]
+        values, chosen = policy.logprobs(chunk, replay=chunk_replay, record=record)
+        logprobs.extend(values)
+        if record:
+            routes.extend(chosen)
         bar.update(len(chunk))
     bar.close()
-    policy.routes = engine_routes
     return logprobs, routes
 
 
@@ -175,7 +172,7 @@ def run_study(args, layout) -> dict | None:
     from megatron_vespo.batch import Sample
 
     policy = _policy(args, layout)
-    m = policy.m
+    m = policy.model_cfg
     rollouts, engine = None, None
     started = time.perf_counter()
     if torch.distributed.get_rank() == 0:
@@ -193,10 +190,7 @@ def run_study(args, layout) -> dict | None:
                          f"--micro-batch-size {args.micro_batch_size}; lower --micro-batch-size or raise --n")
     dropped = len(rollouts) - kept
     rollouts = rollouts[:kept]
-    samples = [Sample(tokens=torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long),
-                      prompt_len=len(s.prompt_ids), advantage=0.0, old_logprobs=None,
-                      engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
-               for s in rollouts]
+    samples = [Sample.from_rollout(s) for s in rollouts]
     engine_logprobs = [np.asarray(s.engine_logprobs, dtype=np.float64) for s in rollouts]
     engine_routes = [s.routed_experts for s in rollouts]
     chunk_size = per_step * 4
@@ -213,15 +207,14 @@ def run_study(args, layout) -> dict | None:
 
     passes = {}
     t0 = time.perf_counter()
-    policy.routes = engine_routes
-    logprobs, trainer_routes = score(policy, samples, "record" if m.num_experts else None, chunk_size, "score")
+    logprobs, trainer_routes = score(policy, samples, chunk_size, "score", record=bool(m.num_experts))
     routing = (mismatch.routing_agreement_per_layer(engine_routes, trainer_routes, prompt_lens, moe_layers)
                if m.num_experts else "dense model: no experts")
     passes["no_replay"] = pass_report(logprobs, routing)
     passes["no_replay"]["seconds"] = time.perf_counter() - t0
     if args.r3:
         t0 = time.perf_counter()
-        logprobs_r3, _ = score(policy, samples, "replay", chunk_size, "score R3")
+        logprobs_r3, _ = score(policy, samples, chunk_size, "score R3", replay=engine_routes)
         passes["r3"] = pass_report(logprobs_r3, "replayed: every token used the engine's experts")
         passes["r3"]["seconds"] = time.perf_counter() - t0
     if torch.distributed.get_rank() != 0:
@@ -430,7 +423,7 @@ def check_args(args, layout) -> None:
 
 
 def main(args) -> int:
-    from megatron_vespo.convert.cli import run_distributed
+    from megatron_vespo.launcher import run_distributed
 
     def body(args, layout):
         check_args(args, layout)  # again on every rank: sets defaults the ranks need

@@ -8,6 +8,7 @@ parallelism. A sequence never spans micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,17 +19,11 @@ import torch
 from megatron_vespo import comm
 from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for_cp, validate_samples
 from megatron_vespo.hook import make_forward_step, reduce_metrics
+from megatron_vespo.launcher import log
 from megatron_vespo.losses import LossConfig
 from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
+from megatron_vespo.train.checkpoints import COMPLETE_MARKER, MCORE_DIR, STATE_FILE
 from megatron_vespo.train.grad_norms import gradient_norms
-
-CHECKPOINT_PREFIX = "step-"
-
-
-def _log(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
 
 
 class Policy:
@@ -48,8 +43,8 @@ class Policy:
         self.cfg, self.layout = cfg, layout
         initialize_model_parallel(layout, seed=cfg.run.seed)
         self.hf_config = load_hf_config(cfg.model.hf_dir)
-        self.m = model_config_from_hf(self.hf_config)
-        self.m.check_layout(layout)
+        self.model_cfg = model_config_from_hf(self.hf_config)
+        self.model_cfg.check_layout(layout)
         dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
         overrides = {}
         if cfg.model.recompute:
@@ -62,13 +57,13 @@ class Policy:
         # every micro-batch of a step is padded to one length (below), so pipeline stages need no
         # shape exchange (with it the interleaved schedule hangs on gloo)
         overrides["variable_seq_lengths"] = False
-        self.config = transformer_config(self.m, layout, params_dtype=dtype, **overrides)
-        chunks = build_gpt_chunks(self.m, self.config)
+        self.config = transformer_config(self.model_cfg, layout, params_dtype=dtype, **overrides)
+        chunks = build_gpt_chunks(self.model_cfg, self.config)
         source = SafetensorsSource(cfg.model.hf_dir)
         if torch.distributed.get_rank() == 0:
-            check_embedding_rows(source, self.m, warn=_log)
+            check_embedding_rows(source, self.model_cfg, warn=log)
         for chunk in chunks:
-            load_hf_state(chunk, source, ShardContext.from_model(chunk, self.m))
+            load_hf_state(chunk, source, ShardContext.from_model(chunk, self.model_cfg))
         self.chunks = chunks
         self.trainable = trainable
         self.models = chunks
@@ -93,11 +88,10 @@ class Policy:
         self.cp_rank = ps.get_context_parallel_rank()
         self.loss_cfg: LossConfig = cfg.algorithm.loss
         self.replay = None
-        self.routes = None  # per-sample routes replayed in training (R3: the engine's, R2: recorded)
         if cfg.algorithm.routing_replay != "none":
             from megatron_vespo.routing_replay import RoutingReplay
 
-            self.replay = RoutingReplay(self.models, self.m)
+            self.replay = RoutingReplay(self.models, self.model_cfg)
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -135,14 +129,20 @@ class Policy:
 
     # -- pi_old ---------------------------------------------------------------------------------
 
-    def logprobs(self, samples: list[Sample], routes: str | None = None) -> list[torch.Tensor]:
+    def logprobs(self, samples: list[Sample], replay: list | None = None,
+                 record: bool = False) -> tuple[list[torch.Tensor], list | None]:
         """Per-sample log-probs of the response tokens under the current weights (fp32, at the
-        rollout temperature), on every rank. ``routes``: "record" (R2: keep the routes the routers
-        choose, for replay in training) or "replay" (R3: route as ``self.routes``)."""
+        rollout temperature), on every rank, and the routes: ``replay`` routes the samples as given
+        (R3: the engine's routes, one [tokens, layers, top_k] per sample); ``record`` returns the
+        routes the routers choose (R2, to replay in training), else the routes returned are None."""
         from megatron_vespo.hook import HookGroups, make_scoring_step
 
+        if replay is not None and record:
+            raise ValueError("a scoring pass either replays routes or records them, not both")
+        mode = "replay" if replay is not None else "record" if record else None
+        self._check_replay(mode, replay, len(samples))
         ids = list(range(len(samples)))
-        micro_batches, groups = self._micro_batches(samples, ids, self._num_microbatches(len(samples)))
+        micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(samples)))
         prompt_len = {i: samples[i].prompt_len for i in ids}
         pieces = []  # (sample id, response positions, values) from the last stage, TP rank 0
         hook_groups = HookGroups.from_parallel_state()
@@ -158,30 +158,17 @@ class Policy:
                 take = seq == local
                 pieces.append((sample, (pos[take] + 1 - prompt_len[sample]).tolist(), logp[take].tolist()))
 
-        replaying = routes is not None
-        forward_step = make_scoring_step(
-            keep, temperature=self.loss_cfg.temperature, groups=hook_groups,
-            before_model=self.replay.begin_microbatch if replaying else None,
-            after_model=self.replay.end_microbatch if replaying else None)
-
+        forward_step = make_scoring_step(keep, temperature=self.loss_cfg.temperature, groups=hook_groups)
         for chunk in self.models:
             chunk.eval()
-        if routes is not None:
-            self.replay.start(routes, self.routes if routes == "replay" else None)
-        try:
-            with torch.no_grad():
-                self._run(forward_step, micro_batches, forward_only=True)
-            if routes is not None:
-                self.replay.finish(forward_only=True)
-        except BaseException:
-            if routes is not None:
-                self.replay.abort()
-            raise
+        with torch.no_grad(), self._replay_pass(mode, replay, forward_only=True) as step:
+            self._run(step(forward_step), micro_batches, forward_only=True)
         for chunk in self.models:
             chunk.train()
-        if routes == "record":
+        routes = None
+        if record:
             recorded = self.replay.recorded_routes([s.tokens.numel() for s in samples], across_dp=True)
-            self.routes = [recorded[i] for i in range(len(samples))]
+            routes = [recorded[i] for i in ids]
         gathered = comm.gather_objects(pieces, dst=0)
         result = None
         if torch.distributed.get_rank() == 0:
@@ -193,30 +180,50 @@ class Policy:
                 if torch.isnan(values).any():
                     missing = torch.isnan(values).nonzero().flatten()[:5].tolist()
                     raise RuntimeError(f"pi_old forward left sample {i} without log-probs at {missing}")
-        return comm.broadcast_object(result)
+        return comm.broadcast_object(result), routes
+
+    def _check_replay(self, mode: str | None, routes, n_samples: int) -> None:
+        if mode is not None and self.replay is None:
+            raise ValueError(f"routing replay ({mode}) asked of a policy built without it "
+                             "(algorithm.routing_replay is none, or the model has no experts)")
+        if routes is not None and len(routes) != n_samples:
+            raise ValueError(f"{len(routes)} route sets for {n_samples} samples: one per sample")
+
+    @contextlib.contextmanager
+    def _replay_pass(self, mode: str | None, routes, forward_only: bool):
+        """Around one forward(-backward) of Megatron: routing replay started in ``mode``, its
+        forward steps wrapped, and every route set checked used (or the pass dropped on an error).
+        Yields what wraps a forward step (the identity without replay)."""
+        if mode is None:
+            yield lambda forward_step: forward_step
+            return
+        self.replay.start(mode, routes)
+        try:
+            yield self.replay.wrap
+            self.replay.finish(forward_only=forward_only)
+        except BaseException:
+            self.replay.abort()
+            raise
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, samples: list[Sample], ids: list[int]) -> dict[str, float]:
-        """One optimizer step on the mini-batch ``ids``; returns the reduced metrics (every rank)."""
+    def train_step(self, samples: list[Sample], ids: list[int], routes: list | None = None) -> dict[str, float]:
+        """One optimizer step on the mini-batch ``ids``; returns the reduced metrics (every rank).
+        ``routes``: per-sample routes (indexed like ``samples``) replayed in forward and recompute,
+        required with routing replay (R3: the engine's, R2: those ``logprobs(record=True)`` gave)."""
         if not self.trainable:
             raise RuntimeError("this Policy was built with trainable=False (no optimizer)")
+        if self.replay is not None and routes is None:
+            raise ValueError("routing replay is on: train_step needs the routes to replay (R3: the engine's, "
+                             "R2: those logprobs(record=True) returned)")
+        mode = "replay" if routes is not None else None
+        self._check_replay(mode, routes, len(samples))
         micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(ids)))
-        forward_step = make_forward_step(self.loss_cfg)
-        if self.replay is not None:
-            forward_step = self.replay.wrap(forward_step)
-            self.replay.start("replay", self.routes)
         for chunk in self.models:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        try:
-            out = self._run(forward_step, micro_batches, forward_only=False)
-            if self.replay is not None:  # every route set was used, in forward and in recompute
-                self.replay.finish(forward_only=False)
-        except BaseException:
-            if self.replay is not None:
-                self.replay.abort()
-            raise
+        with self._replay_pass(mode, routes, forward_only=False) as step:
+            out = self._run(step(make_forward_step(self.loss_cfg)), micro_batches, forward_only=False)
         group_norms = gradient_norms(self.chunks)  # before the step: the clip scales the gradients
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -228,7 +235,7 @@ class Policy:
         return metrics
 
     def validate(self, samples: list[Sample]) -> None:
-        validate_samples(samples, self.m.vocab_size, need_old=not self.loss_cfg.bypass,
+        validate_samples(samples, self.model_cfg.vocab_size, need_old=not self.loss_cfg.bypass,
                          need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none")
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -253,9 +260,9 @@ class Policy:
 
         rank = torch.distributed.get_rank()
         if rank == 0:
-            os.makedirs(os.path.join(directory, "mcore"), exist_ok=True)
+            os.makedirs(os.path.join(directory, MCORE_DIR), exist_ok=True)
         comm.barrier()
-        dist_checkpointing.save(self._sharded_state(), os.path.join(directory, "mcore"))
+        dist_checkpointing.save(self._sharded_state(), os.path.join(directory, MCORE_DIR))
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         from megatron.core import tensor_parallel
 
@@ -263,11 +270,11 @@ class Policy:
         torch.save(rng, os.path.join(directory, f"rng_rank{rank}.pt"))
         if rank == 0:
             torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+            with open(os.path.join(directory, STATE_FILE), "w") as f:
                 json.dump(trainer_state, f, indent=1)
         comm.barrier()
         if rank == 0:  # the marker makes the checkpoint visible only once complete
-            with open(os.path.join(directory, "complete"), "w") as f:
+            with open(os.path.join(directory, COMPLETE_MARKER), "w") as f:
                 f.write("ok\n")
         comm.barrier()
 
@@ -277,7 +284,7 @@ class Policy:
         from megatron_vespo.mcore import versions
 
         rank = torch.distributed.get_rank()
-        mcore_dir = os.path.join(directory, "mcore")
+        mcore_dir = os.path.join(directory, MCORE_DIR)
         versions.check_checkpoint_readable(mcore_dir)
         state = dist_checkpointing.load(self._sharded_state(load_from=mcore_dir), mcore_dir)
         for i, chunk in enumerate(self.chunks):
@@ -291,17 +298,5 @@ class Policy:
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["cuda_tracker"])
-        with open(os.path.join(directory, "trainer_state.json")) as f:
+        with open(os.path.join(directory, STATE_FILE)) as f:
             return json.load(f)
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint under run_dir/checkpoints (an interrupted save is ignored)."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = [d for d in os.listdir(root) if d.startswith(CHECKPOINT_PREFIX)
-            and os.path.exists(os.path.join(root, d, "complete"))]
-    if not done:
-        return None
-    return os.path.join(root, max(done, key=lambda d: int(d[len(CHECKPOINT_PREFIX):])))

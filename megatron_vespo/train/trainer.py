@@ -37,14 +37,12 @@ import torch
 
 from megatron_vespo import comm
 from megatron_vespo.batch import Sample
+from megatron_vespo.launcher import log
 from megatron_vespo.mismatch import routing_agreement
 from megatron_vespo.train.config import TrainConfig, load_config
 from megatron_vespo.train.stop import StopRequest
 
 
-def log(message: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -54,6 +52,15 @@ class RolloutBatch:
     samples: list  # RolloutSample, ordered by prompt then sample
     rewards: list[float]
     seconds: float
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """A rollout batch made ready to train on: what every optimizer step of it uses."""
+    samples: list[Sample]  # with advantages and pi_old
+    routes: list | None  # per-sample routes replayed in training (R3: the engine's, R2: recorded); else None
+    policy_lags: list[int]  # weight versions between each sample's generation and this batch's training
+    metrics: dict[str, float]  # logged with every step of the batch (e.g. R2's routing agreement)
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float,
@@ -102,7 +109,14 @@ class Trainer:
         self.batch_index = 0
         self.data_pos = 0
         self.version = 0
-        self.server = None
+        # set up by setup(); the engine side (server, control, client) on rank 0 only
+        self.source = None  # prompts and rewards
+        self.tokenizer = None
+        self.server = None  # the in-process local engine's HTTP server
+        self.control = None  # control calls to every engine server
+        self.client = None  # generation requests
+        self.server_infos: list[dict] = []  # /server_info of each SGLang server
+        self.sync = None  # weight sync to the engine
         self.metrics_file = None
         self.tensorboard = None
         self.wandb = None
@@ -113,7 +127,7 @@ class Trainer:
 
     def setup(self) -> None:
         from megatron_vespo.train.data import make_prompt_source
-        from megatron_vespo.train.policy import latest_checkpoint
+        from megatron_vespo.train.checkpoints import latest_checkpoint
 
         cfg = self.cfg
         if self.rank == 0:
@@ -164,9 +178,9 @@ class Trainer:
                 raise ConnectionError(f"rollout engine unreachable: {err}") from None
         self.control = EngineControl(servers, api_key=api_key)
         if r.engine != "local":
-            self._server_infos = self.control.call("/server_info", method="GET", check_success=False)
+            self.server_infos = self.control.call("/server_info", method="GET", check_success=False)
             self._check_servers()
-        m = self.policy.m
+        m = self.policy.model_cfg
         routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
         self.client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,
                                     max_attempts=r.max_attempts, vocab_size=m.vocab_size, routing=routing,
@@ -177,7 +191,7 @@ class Trainer:
         ignores some of its layers), naming the server, its version and the feature."""
         from megatron_vespo.rollout.protocol import unsupported_model_features
 
-        for url, info in zip(self.control.urls, self._server_infos):
+        for url, info in zip(self.control.urls, self.server_infos):
             problems = unsupported_model_features(self.policy.hf_config, info.get("version"))
             if problems:
                 raise ValueError(f"{url} (SGLang {info.get('version', '?')}) cannot serve {self.cfg.model.hf_dir} "
@@ -188,7 +202,7 @@ class Trainer:
 
         r = self.cfg.rollout
         dtype = self._engine_dtype()
-        return WeightSync(r.weight_sync, self.policy.m, control=getattr(self, "control", None),
+        return WeightSync(r.weight_sync, self.policy.model_cfg, control=self.control,
                           engine=self.server.engine if self.server is not None else None,
                           bucket_bytes=r.weight_sync_bucket_mb * 2**20, dtype=dtype,
                           hf_config=self.policy.hf_config, disk_dir=r.weight_sync_dir or None,
@@ -207,7 +221,7 @@ class Trainer:
         names = None
         if self.rank == 0:
             names = set()
-            for info in self._server_infos:  # read when the engine started (rank 0)
+            for info in self.server_infos:  # read when the engine started (rank 0)
                 name = str(info.get("dtype") or "auto")
                 if name == "auto":
                     name = str(self.policy.hf_config.get("torch_dtype") or self.policy.hf_config.get("dtype")
@@ -266,19 +280,22 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         total_batches = math.ceil(cfg.run.steps / cfg.algorithm.staleness)
-        producer = self._start_async_producer(total_batches) if cfg.algorithm.async_rollout else None
+        producer = None
+        if cfg.algorithm.async_rollout and self.rank == 0:
+            producer = AsyncProducer(self.generate_batch, self.batch_index, self.data_pos,
+                                     cfg.rollout.prompts_per_batch, total_batches, cfg.algorithm.max_policy_lag)
         progress = self._progress(cfg.run.steps)
         stop = StopRequest(self.run_dir).install()
         try:
             while self.step < cfg.run.steps:
                 batch = self._next_batch(producer)                                  # rollout, rewards
-                samples, extra = self._prepare(batch)                               # advantages, pi_old
-                for mini_batch in self._mini_batches(len(samples)):                 # N optimizer steps
+                prepared = self._prepare(batch)                                     # advantages, pi_old
+                for mini_batch in self._mini_batches(len(prepared.samples)):        # N optimizer steps
                     if self.step >= cfg.run.steps:
                         break
-                    metrics = self.policy.train_step(samples, mini_batch)
+                    metrics = self.policy.train_step(prepared.samples, mini_batch, prepared.routes)
                     self.step += 1
-                    self._record(metrics, batch, extra)
+                    self._record(metrics, batch, prepared)
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(reward=f"{np.mean(batch.rewards):.3f}")
@@ -310,8 +327,10 @@ class Trainer:
         return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
                 "top_k": r.top_k, "sampling_seed": seed, "no_stop_trim": True, "skip_special_tokens": False}
 
-    def _generate(self, index: int, first_uid: int) -> RolloutBatch:
-        """Rank 0 only."""
+    def generate_batch(self, index: int, first_uid: int) -> RolloutBatch:
+        """Rollout batch ``index`` from the prompts at ``first_uid``, with rewards. Rank 0 only; the
+        async producer calls it from its thread (it reads the config, the prompt source and the
+        engine client, which the training thread does not change)."""
         r = self.cfg.rollout
         start = time.perf_counter()
         prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + r.prompts_per_batch)]
@@ -332,41 +351,35 @@ class Trainer:
         batch = None
         if self.rank == 0:
             batch = producer.take() if producer is not None else \
-                self._generate(self.batch_index, self.data_pos)
+                self.generate_batch(self.batch_index, self.data_pos)
         return comm.broadcast_object(batch)
-
-    def _start_async_producer(self, total_batches: int):
-        if self.rank != 0:
-            return None
-        return AsyncProducer(self, total_batches)
 
     # -- samples --------------------------------------------------------------------------------
 
-    def _prepare(self, batch: RolloutBatch):
+    def _prepare(self, batch: RolloutBatch) -> PreparedBatch:
         a = self.cfg.algorithm
         rewards = np.asarray(batch.rewards, dtype=np.float64)
         advantages = group_advantages(rewards, self.cfg.rollout.group_size, a.advantage, a.advantage_eps,
                                       a.advantage_std)
-        samples = [Sample(tokens=torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long),
-                          prompt_len=len(s.prompt_ids), advantage=float(adv), old_logprobs=None,
-                          engine_logprobs=torch.from_numpy(np.asarray(s.engine_logprobs, dtype=np.float32)))
-                   for s, adv in zip(batch.samples, advantages)]
-        if a.routing_replay == "r3":  # train (and compute pi_old) with the engine's routes
-            self.policy.routes = [s.routed_experts for s in batch.samples]
-        routes_mode = {"r2": "record", "r3": "replay"}.get(a.routing_replay)
-        if a.pi_old == "recompute" or a.routing_replay == "r2":  # R2 records in this forward
-            old = self.policy.logprobs(samples, routes=routes_mode)
+        samples = [Sample.from_rollout(s, adv) for s, adv in zip(batch.samples, advantages)]
+        engine_routes = [s.routed_experts for s in batch.samples]
+        # R3 trains (and computes pi_old) with the engine's routes; R2 records its own in this forward
+        routes = engine_routes if a.routing_replay == "r3" else None
+        if a.pi_old == "recompute" or a.routing_replay == "r2":
+            old, recorded = self.policy.logprobs(samples, replay=routes, record=a.routing_replay == "r2")
+            if recorded is not None:
+                routes = recorded
             if a.pi_old == "recompute":
                 for sample, values in zip(samples, old):
                     sample.old_logprobs = values
         self.policy.validate(samples)
         # the hook reports the token mismatch (mismatch/abs_logp_diff, mismatch/kl_k3) per step
-        extra = {"lag": [self.version - version_number(s.weight_version) for s in batch.samples]}
-        if a.routing_replay == "r2" and batch.samples[0].routed_experts is not None:
-            extra["mismatch/routing_agreement"] = routing_agreement(
-                [s.routed_experts for s in batch.samples], self.policy.routes, self.policy.m.dense_layers,
-                [len(s.prompt_ids) for s in batch.samples])
-        return samples, extra
+        metrics = {}
+        if a.routing_replay == "r2" and engine_routes[0] is not None:
+            metrics["mismatch/routing_agreement"] = routing_agreement(
+                engine_routes, routes, self.policy.model_cfg.dense_layers, [len(s.prompt_ids) for s in batch.samples])
+        lags = [self.version - version_number(s.weight_version) for s in batch.samples]
+        return PreparedBatch(samples, routes, lags, metrics)
 
     def _mini_batches(self, n: int):
         """The rollout batch (ordered by prompt, then sample) in N = staleness mini-batches."""
@@ -375,7 +388,7 @@ class Trainer:
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _record(self, metrics: dict, batch: RolloutBatch, extra: dict) -> None:
+    def _record(self, metrics: dict, batch: RolloutBatch, prepared: PreparedBatch) -> None:
         if self.rank != 0:
             return
         lengths = [len(s.response_ids) for s in batch.samples]
@@ -383,8 +396,9 @@ class Trainer:
                "reward/std": float(np.std(batch.rewards)), "response_len/mean": float(np.mean(lengths)),
                "response/stopped": float(np.mean([s.finish_reason == "stop" for s in batch.samples])),
                "rollout/batch": batch.index, "rollout/seconds": batch.seconds, "weight_version": self.version,
-               "policy_lag/mean": float(np.mean(extra["lag"])), "policy_lag/max": int(np.max(extra["lag"]))}
-        row.update({k: v for k, v in extra.items() if k != "lag"})
+               "policy_lag/mean": float(np.mean(prepared.policy_lags)),
+               "policy_lag/max": int(np.max(prepared.policy_lags))}
+        row.update(prepared.metrics)
         row.update({k: float(v) for k, v in metrics.items()})
         self.history.append(row)
         self.metrics_file.write(json.dumps(row) + "\n")
@@ -412,7 +426,7 @@ class Trainer:
         return bool(every) and self.step % every == 0 and self.step < self.cfg.run.steps
 
     def save(self) -> None:
-        from megatron_vespo.train.policy import CHECKPOINT_PREFIX
+        from megatron_vespo.train.checkpoints import CHECKPOINT_PREFIX
 
         directory = os.path.join(self.run_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{self.step}")
         if self._last_saved == self.step:
@@ -461,7 +475,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        if getattr(self, "sync", None) is not None:
+        if self.sync is not None:
             self.sync.close()
         if self.server is not None:
             self.server.stop()
@@ -469,29 +483,31 @@ class Trainer:
 
 
 class AsyncProducer:
-    """Generates rollout batches ahead of training on a thread of rank 0; at most S batches ahead."""
+    """Generates rollout batches ahead of training on a thread of rank 0; at most ``max_ahead``
+    (algorithm.max_policy_lag) batches ahead, so a sample is at most that many versions old."""
 
-    def __init__(self, trainer: Trainer, total_batches: int):
-        self.trainer = trainer
-        self.permits = threading.Semaphore(trainer.cfg.algorithm.max_policy_lag)
+    def __init__(self, generate, first_index: int, first_uid: int, prompts_per_batch: int, total_batches: int,
+                 max_ahead: int):
+        self.generate = generate  # (batch index, first prompt uid) -> RolloutBatch
+        self.permits = threading.Semaphore(max_ahead)
         self.ready: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, args=(total_batches,), daemon=True, name="rollout")
+        self.thread = threading.Thread(target=self._loop, args=(first_index, first_uid, prompts_per_batch,
+                                                               total_batches), daemon=True, name="rollout")
         self.thread.start()
 
-    def _loop(self, total_batches: int) -> None:
-        index, uid = self.trainer.batch_index, self.trainer.data_pos
+    def _loop(self, index: int, uid: int, prompts_per_batch: int, total_batches: int) -> None:
         while index < total_batches and not self.stopping.is_set():
             self.permits.acquire()
             if self.stopping.is_set():
                 break
             try:
-                self.ready.put(self.trainer._generate(index, uid))
+                self.ready.put(self.generate(index, uid))
             except BaseException as err:  # handed to the training thread, which raises it
                 self.ready.put(err)
                 return
             index += 1
-            uid += self.trainer.cfg.rollout.prompts_per_batch
+            uid += prompts_per_batch
 
     def take(self) -> RolloutBatch:
         item = self.ready.get()
