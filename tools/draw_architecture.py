@@ -73,7 +73,8 @@ def draw(out: Path) -> Path:
         "(global rank 0)"], kind="data")
     box(ax, 3.25, 7.35, 4.5, 2.95, "Rollout engine", [
         "SGLang servers behind sglang-router",
-        "  or the local engine (rollout/local_engine.py)",
+        "  or the local engine (rollout/local_engine.py;",
+        "  its parts in rollout/engine/)",
         "RolloutClient (rollout/client.py): POST /generate",
         "  via the router; routed-expert requests",
         "  straight to the servers (the router drops them)",
@@ -100,11 +101,13 @@ def draw(out: Path) -> Path:
     # -- right column: pi_old, micro-batches ------------------------------------------------------
     box(ax, 11.6, 4.55, 3.15, 2.35, "\u03c0_old", [
         "recompute: forward-only Megatron",
-        "  pass (Policy.logprobs)",
+        "  pass \u2192 (log-probs, routes)",
         "bypass: \u03c0_old := \u03bc (no pass)",
         "R2: record routes in this pass",
-        "R3: replay the engine's routes",
-        "  (routing_replay.py)"], kind="trainer")
+        "R3: replay the engine's routes;",
+        "  the routes go to train_step",
+        "one scoring step (hook.py); 0.18+:",
+        "  from hidden states, chunked"], kind="trainer")
     box(ax, 11.6, 1.95, 3.15, 2.15, "Micro-batches", [
         "N mini-batches (staleness N)",
         "DP partition, THD packing,",
