@@ -8,8 +8,11 @@
   and sglang-router versions equal setup.py's pins; the base is a pinned nvcr.io/nvidia/pytorch
   tag; every ``pip install`` (including the ones hadolint cannot parse) pins each requirement
   (``==``, a git commit) or installs the local package, with --no-cache-dir; SGLang goes into its
-  own environment only; every COPY source exists and is inside the build context (.dockerignore);
-  the SGLang interpreter path agrees with examples/slurm/env.sh.
+  own environment only; every COPY source exists inside the build context and .dockerignore's
+  allow-list names its top-level entry; the SGLang interpreter path agrees with examples/slurm/env.sh.
+* What the image does: every RUN script parses under the Dockerfile's SHELL (``bash -n``) and a
+  failing pipe fails its step; CMD is a console script of setup.py whose function, called with
+  CMD's arguments, succeeds.
 * The helper scripts the image runs: constraints.py (merging), nccl_align.py (with the two
   interpreters faked), sglang-python.sh (LD_LIBRARY_PATH filtering, shellcheck), and that the
   Python helpers compile; the run commands of docker/README.md parse with the real parsers.
@@ -20,6 +23,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import json
 import os
 import py_compile
 import re
@@ -324,75 +329,98 @@ def test_sglang_wheel_pins_match_the_dockerfile_notes(dockerfile):
     assert not setup_pins()["transformers"].specifier.contains(Version(pinned["transformers"]))
 
 
+def exec_form(args: str) -> list[str]:
+    """The words of an exec-form (JSON array) SHELL, CMD or ENTRYPOINT."""
+    words = json.loads(args)
+    assert isinstance(words, list) and words and all(isinstance(w, str) for w in words), args
+    return words
+
+
 def test_dockerfile_layout(dockerfile):
-    text, parsed, _ = dockerfile
+    _, parsed, _ = dockerfile
     keywords = [keyword for _, keyword, _ in parsed]
-    shells = [args for _, keyword, args in parsed if keyword == "SHELL"]
-    assert shells == ['["/bin/bash", "-o", "pipefail", "-c"]']
+    assert keywords.count("SHELL") == 1
     # hadolint 2.15 forgets the SHELL after an ARG or ENV and would lint the RUN scripts as sh
     after_shell = keywords[keywords.index("SHELL"):]
     assert "ARG" not in after_shell and "ENV" not in after_shell
-    cmd = [args for _, keyword, args in parsed if keyword == "CMD"]
-    assert cmd == ['["megatron-vespo", "--help"]']
-    assert '"megatron-vespo=megatron_vespo.cli:main"' in (ROOT / "setup.py").read_text()
     assert "USER" not in keywords or parsed[keywords.index("USER")][2] != "root"
 
 
-def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
-    """Docker's rule: the last pattern matching the path or one of its parents decides."""
-    def regex(pattern: str) -> re.Pattern:
-        out, i = "", 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out, i = out + "(?:.*/)?", i + 3
-            elif pattern.startswith("**", i):
-                out, i = out + ".*", i + 2
-            elif pattern[i] == "*":
-                out, i = out + "[^/]*", i + 1
-            elif pattern[i] == "?":
-                out, i = out + "[^/]", i + 1
-            else:
-                out, i = out + re.escape(pattern[i]), i + 1
-        return re.compile(out)
+@pytest.mark.slow
+def test_run_scripts_parse_under_the_dockerfile_shell(dockerfile):
+    """Docker runs each RUN script as SHELL + [script] (/bin/sh -c before any SHELL): every script
+    parses with that shell (bash -n), and a pipe whose first command fails fails the step."""
+    _, parsed, _ = dockerfile
+    shell, runs, pipes_checked = ["/bin/sh", "-c"], 0, set()
+    for line, keyword, args in parsed:
+        if keyword == "SHELL":
+            shell = exec_form(args)
+            assert shell[-1] == "-c", f"line {line}: SHELL must end with -c, the script follows it"
+        if keyword != "RUN":
+            continue
+        runs += 1
+        program = shutil.which(Path(shell[0]).name)
+        assert program, f"line {line}: no {shell[0]} here to check the script with"
+        result = subprocess.run([program, *shell[1:-1], "-n", "-c", args], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, f"line {line}: {' '.join(shell)} cannot parse the script: {result.stderr}"
+        if tuple(shell) not in pipes_checked:
+            pipes_checked.add(tuple(shell))
+            failing_pipe = subprocess.run([program, *shell[1:], "false | true"], capture_output=True, timeout=60)
+            assert failing_pipe.returncode != 0, \
+                f"line {line}: under {' '.join(shell)} a failed pipe would not fail the build (pipefail)"
+    assert runs >= 5, runs
 
-    parts = path.split("/")
-    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    excluded = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        compiled = regex(pattern.lstrip("!").strip("/"))
-        if any(compiled.fullmatch(c) for c in candidates):
-            excluded = not negate
-    return excluded
+
+def test_cmd_runs_a_console_script_of_the_package(dockerfile, capsys):
+    """What `docker run IMAGE` runs: CMD (the base image's entrypoint execs it), whose first word
+    is a console script that the pip install of this package creates (setup.py's entry points);
+    its function, called with CMD's arguments, exits successfully."""
+    _, parsed, _ = dockerfile
+    assert not [args for _, keyword, args in parsed if keyword == "ENTRYPOINT"], \
+        "an ENTRYPOINT of our own: CMD would become its arguments"
+    cmds = [args for _, keyword, args in parsed if keyword == "CMD"]
+    assert len(cmds) == 1, cmds
+    command = exec_form(cmds[0])
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setup")
+    entry_points = ast.literal_eval(next(kw.value for kw in call.keywords if kw.arg == "entry_points"))
+    scripts = dict(line.replace(" ", "").split("=", 1) for line in entry_points["console_scripts"])
+    assert command[0] in scripts, f"CMD {command}: {command[0]} is none of setup.py's console scripts {scripts}"
+    module_name, _, attr = scripts[command[0]].partition(":")
+    function = getattr(importlib.import_module(module_name), attr)
+    try:
+        code = function(command[1:])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code in (0, None), f"{' '.join(command)} exits {code}: {capsys.readouterr().err}"
+    assert capsys.readouterr().out.strip(), f"{' '.join(command)} printed nothing"
 
 
 def test_copy_sources_exist_in_the_build_context(dockerfile):
+    """Every COPY source is a path of the repository (the build context). .dockerignore is read
+    only as the allow-list it is written as (``*`` then ``!entry`` lines): each top-level entry
+    the Dockerfile copies has its ``!entry`` line; Docker's full matching is not reimplemented."""
     _, parsed, values = dockerfile
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
-    tracked = (subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-               if shutil.which("git") else [])
     copies = 0
     for line, keyword, args in parsed:
         if keyword not in ("COPY", "ADD"):
             continue
         assert keyword == "COPY", f"line {line}: ADD"
-        words = [w for w in expand(args, values).split() if not w.startswith("--")]
         assert not any(w.startswith("--from") for w in args.split()), "single-stage build expected"
+        words = [w for w in expand(args, values).split() if not w.startswith("--")]
         for source in words[:-1]:
             copies += 1
-            assert (ROOT / source).exists(), f"line {line}: COPY {source}: not in the repository"
-            files = [source] if (ROOT / source).is_file() else [
-                f for f in tracked if f.startswith(source.rstrip("/") + "/")] or [
-                str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*") if p.is_file()]
-            excluded = [f for f in files if dockerignore_excludes(f, patterns)
-                        and "__pycache__" not in f and not f.endswith(".pyc")]
-            assert not excluded, f"line {line}: .dockerignore leaves {excluded[:5]} out of the build context"
+            path = (ROOT / source).resolve()
+            assert path.is_relative_to(ROOT), f"line {line}: COPY {source}: outside the build context"
+            assert path.exists(), f"line {line}: COPY {source}: not in the repository"
+            top = Path(source).parts[0]
+            if "*" in patterns:
+                assert f"!{top}" in patterns, f"line {line}: COPY {source}: .dockerignore leaves {top} out"
     assert copies >= 5
-    # and what must not be sent to the daemon stays out
-    for heavy in (".venv/bin/python", ".cache/wheels/x.whl", "runs/demo/x", ".git/HEAD", "tests/test_docker.py",
-                  "megatron_vespo/__pycache__/cli.cpython-311.pyc"):
-        assert dockerignore_excludes(heavy, patterns), heavy
 
 
 # -- the helper scripts ----------------------------------------------------------------------------------

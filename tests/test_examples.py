@@ -10,8 +10,13 @@
   with the data-parallel size the script implies (nodes x GPUs / (tp x pp x cp)), checked against
   the model's architecture (heads, KV groups, layers, experts, FFN sizes).
 * Every ``section.key=value`` written in the scripts and the README names a real config field.
-* The configs: all load; the N variants and the GRPO baseline differ from VESPO N = 8 only where
-  they should; the paper's settings.
+* The configs: all load and validate for the world their script runs; the N variants, the GRPO
+  baseline and the async run differ from VESPO N = 8 only where they should (same optimizer-step
+  batch); each has a run directory of its own; a cluster config's model is one whose architecture
+  the layout check knows, and prompt + response fit its positions; data.prompts_file is what
+  tools/prepare_data.py writes, read with the config's data section; model.hf_dir and
+  data.prompts_file are what the scripts pass by default; the CPU demo's prompts and answers fit
+  its model and generation budget.
 * The supervision logic, end to end with a fake SLURM first on PATH (``srun``, ``squeue``,
   ``scancel``, ``scontrol``: whatever SLURM the machine has must not matter), a fake launcher and
   torchrun: a normal end, the servers dying during training, the launcher failing before
@@ -35,7 +40,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +63,8 @@ SCRIPTS = SBATCH + [SLURM / "env.sh", ROOT / "tools" / "slurm_localhost.sh"]
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
 VESPO_N = {n: CONFIGS / f"qwen3_30b_a3b_dapo_vespo_n{n}.yaml" for n in (8, 16, 32, 64)}
 SECTIONS = ("model", "data", "rollout", "algorithm", "optimizer", "run")
+# the configs the SLURM scripts run (SGLang servers); demo_cpu.yaml runs in one process
+CLUSTER_YAMLS = [p for p in YAMLS if load_config(str(p)).rollout.engine == "sglang"]
 
 # The config.json fields of the models the examples train (as published on the Hugging Face Hub):
 # what the trainer's layout check (MoEModelConfig.check_layout) reads.
@@ -537,7 +543,8 @@ def test_trainer_command_and_config(dry_runs, name):
     assert Path(launch_args.state_file).parent == Path(cfg.run.run_dir)
     if name == "multinode_options":
         assert cfg.optimizer.lr == 2e-6 and cfg.run.save_every == 32 and cfg.run.wandb_project == "vespo"
-        assert cfg.algorithm.staleness == 16
+    if "CONFIG" in dry.env:  # the config the job was asked to train, not the script's default
+        assert Path(train.config).resolve() == Path(dry.env["CONFIG"]).resolve()
 
 
 @pytest.mark.slow
@@ -545,6 +552,32 @@ def test_every_config_is_used_by_a_script(dry_runs):
     used = {Path(split_train_config(d)).resolve() for d in dry_runs.values()}
     cluster = {p.resolve() for p in YAMLS if p.name != "demo_cpu.yaml"}
     assert cluster - used == set(), "configs no script runs"
+
+
+@pytest.mark.slow
+def test_configs_name_the_model_and_data_the_scripts_use(dry_runs):
+    """A config's model.hf_dir and data.prompts_file (relative to the repository, where the scripts
+    run) are the MODEL and DATA its script passes by default: the file read alone tells what trains."""
+    from torch.distributed.run import get_args_parser
+
+    from megatron_vespo.train import trainer
+
+    train_parser = argparse.ArgumentParser(exit_on_error=False)
+    trainer.add_arguments(train_parser)
+    checked = set()
+    for name, dry in dry_runs.items():
+        if {"MODEL", "DATA"} & set(dry.env):
+            continue  # the case chose its own
+        run = parse_strict(get_args_parser(), split_train(dry)[1], f"{name}: torchrun")
+        train = parse_strict(train_parser, run.training_script_args[1:], f"{name}: train")
+        as_run, as_written = load_config(train.config, train.overrides), load_config(train.config)
+        for section, key in (("model", "hf_dir"), ("data", "prompts_file")):
+            written = getattr(getattr(as_written, section), key)
+            passed = getattr(getattr(as_run, section), key)
+            assert (ROOT / written).resolve() == Path(passed).resolve(), \
+                f"{Path(train.config).name}: {section}.{key} = {written}, but {dry.script.name} passes {passed}"
+        checked.add(Path(train.config).resolve())
+    assert checked == {p.resolve() for p in CLUSTER_YAMLS}
 
 
 def split_train_config(dry: DryRun) -> str:
@@ -584,27 +617,39 @@ def test_config_loads(path):
 
 
 def test_demo_config():
+    """The CPU demo: its default config, one process without servers, prompts and answers that fit
+    the demo's tiny model and the generation budget, and off-policy steps with a real mismatch."""
     from megatron_vespo.train import demo
+    from megatron_vespo.train.data import make_prompt_source
 
     assert Path(demo.DEFAULT_CONFIG).resolve() == (CONFIGS / "demo_cpu.yaml").resolve()
-    cfg = load_config(str(CONFIGS / "demo_cpu.yaml")).validate(1)
-    assert cfg.model.hf_dir == "runs/demo/model" and cfg.rollout.engine == "local"
-    assert cfg.rollout.weight_sync == "inprocess" and cfg.rollout.local_dtype == "bfloat16"
-    assert cfg.model.params_dtype == "float32" and cfg.data.task == "synthetic"
-    assert cfg.data.synthetic_task == "reverse" and cfg.algorithm.loss.name == "vespo"
-    # every answer (digits + EOS) fits the generation budget, so a right answer can be produced
-    assert cfg.rollout.max_new_tokens >= cfg.data.synthetic_max_digits + 1
-    assert cfg.rollout_samples % cfg.algorithm.staleness == 0 and cfg.rollout.group_size > 1
-    assert cfg.algorithm.staleness > 1 and (cfg.model.tp, cfg.model.pp, cfg.model.cp) == (1, 1, 1)  # off-policy steps
+    cfg = load_config(demo.DEFAULT_CONFIG)
+    # one CPU process (tp = pp = cp = 1, dp 1) and no rollout server: validate refuses an engine
+    # without URLs, and the scripts never supply any to the demo
+    check_config.check(cfg, 1)
+    assert not cfg.rollout.server_urls
+    source = make_prompt_source(cfg.data)  # the demo's prompts, as the trainer builds them
+    positions = demo.MODEL_SETTINGS["max_position_embeddings"]
+    for uid in range(256):
+        prompt = source.prompt(uid)
+        # a right answer (digits + EOS) can be generated, and prompt + response fit the model
+        assert len(prompt.answer) <= cfg.rollout.max_new_tokens, (uid, prompt)
+        assert len(prompt.input_ids) + cfg.rollout.max_new_tokens <= positions, (uid, prompt)
+    # what VESPO is for: steps on stale samples (N > 1) under a training-inference mismatch
+    assert cfg.algorithm.staleness > 1
+    assert cfg.rollout.local_dtype != cfg.model.params_dtype or cfg.algorithm.loss.correction == "none"
 
 
 def test_staleness_variants_differ_only_in_n():
-    base = config_dict(VESPO_N[8])
+    """The N sweep is a controlled experiment: the files differ in N, the rollout batch (N
+    mini-batches) and the run directory only; the optimizer step sees the same batch for every N."""
+    base_cfg, base = load_config(str(VESPO_N[8])), config_dict(VESPO_N[8])
     for n, path in VESPO_N.items():
         cfg = load_config(str(path))
-        assert cfg.algorithm.staleness == n and cfg.rollout.prompts_per_batch == 256 * n
-        assert cfg.mini_batch_samples == 2048  # 256 prompts x 8 samples per optimizer step, every N
-        assert cfg.run.steps % n == 0 and cfg.run.save_every % n == 0
+        assert cfg.algorithm.staleness == n  # the file name's N
+        assert cfg.mini_batch_samples == base_cfg.mini_batch_samples
+        assert cfg.rollout_samples == cfg.mini_batch_samples * n
+        assert cfg.run.steps % n == 0 and cfg.run.save_every % n == 0  # runs end on a rollout-batch boundary
         diff = {k for k, v in config_dict(path).items() if base[k] != v}
         assert diff <= {"algorithm.staleness", "rollout.prompts_per_batch", "run.run_dir"}, diff
         assert cfg.run.run_dir.endswith(path.stem)
@@ -614,33 +659,96 @@ def test_grpo_baseline_matches_vespo_n8():
     base, grpo = config_dict(VESPO_N[8]), config_dict(CONFIGS / "qwen3_30b_a3b_dapo_grpo_n8.yaml")
     diff = {k for k in base if base[k] != grpo[k]}
     assert diff and all(k.startswith("algorithm.loss.") for k in diff - {"run.run_dir"}), diff
-    assert grpo["algorithm.loss.name"] == "grpo" and grpo["algorithm.loss.correction"] == "none"
-    assert (grpo["algorithm.loss.clip_eps_low"], grpo["algorithm.loss.clip_eps_high"]) == (0.2, 0.28)
+    assert grpo["algorithm.loss.name"] == "grpo"  # the file name's loss
+
+
+def test_configs_have_run_dirs_of_their_own():
+    """With run.resume on, two configs sharing a run directory would continue each other's checkpoints."""
+    run_dirs = [load_config(str(path)).run.run_dir for path in YAMLS]
+    assert len(set(run_dirs)) == len(run_dirs), dict(zip((p.name for p in YAMLS), run_dirs))
 
 
 def test_async_config():
-    cfg = load_config(str(CONFIGS / "qwen3_30b_a3b_dapo_vespo_async.yaml"))
-    assert cfg.algorithm.async_rollout and cfg.algorithm.max_policy_lag == 1
-    assert cfg.algorithm.staleness == 4 and cfg.mini_batch_samples == 2048
+    """The async variant differs from the synchronous N = 8 run only in the async settings and the
+    batch sizes, and its optimizer step sees the same batch (comparable curves)."""
+    path = CONFIGS / "qwen3_30b_a3b_dapo_vespo_async.yaml"
+    cfg = load_config(str(path))
+    assert cfg.algorithm.async_rollout
+    assert cfg.mini_batch_samples == load_config(str(VESPO_N[8])).mini_batch_samples
     base = config_dict(VESPO_N[8])
-    diff = {k for k, v in config_dict(CONFIGS / "qwen3_30b_a3b_dapo_vespo_async.yaml").items() if base[k] != v}
+    diff = {k for k, v in config_dict(path).items() if base[k] != v}
     assert diff <= {"algorithm.staleness", "algorithm.async_rollout", "rollout.prompts_per_batch",
                     "rollout.max_concurrency", "run.run_dir"}, diff
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("qwen3_30b_a3b_*.yaml")), ids=lambda p: p.name)
-def test_paper_settings(path):
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_configs_fit_their_model(path):
+    """The model a cluster config trains is one whose architecture the layout checks know (so
+    test_config_loads and the dry runs check heads, experts and FFN sizes against it, not nothing),
+    and a prompt plus a full response fits its positions."""
     cfg = load_config(str(path))
-    r, a, o = cfg.rollout, cfg.algorithm, cfg.optimizer
-    assert Path(cfg.model.hf_dir).name == "Qwen3-30B-A3B-Base" and cfg.model.params_dtype == "bfloat16"
-    assert (cfg.data.task, cfg.data.reward, cfg.data.max_prompt_tokens) == ("file", "math", 1024)
-    assert (r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k) == (8, 15360, 1.0, 1.0, -1)
-    assert o.lr == o.min_lr == 1e-6 and o.warmup_steps == 0 and a.kl_coef == 0.0
-    assert a.advantage == "grpo" and a.pi_old == "recompute"
-    assert (a.loss.k_pos, a.loss.lambda_pos, a.loss.k_neg, a.loss.lambda_neg) == (2.0, 3.0, 3.0, 2.0)
-    if a.loss.name == "vespo":
-        assert a.loss.correction == "fold"
-    assert r.weight_sync == "distributed" and r.weight_sync_backend == "nccl"
+    name = Path(cfg.model.hf_dir).name
+    assert name in ARCHITECTURES, f"{path.name}: {name}: no config.json in ARCHITECTURES to check the layout with"
+    positions = ARCHITECTURES[name]["max_position_embeddings"]
+    assert cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens <= positions
+
+
+class _WordTokenizer:
+    """A stand-in for the policy's tokenizer: one id per word, a chat template that joins messages."""
+    chat_template = "joined"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(m["content"] for m in messages) + " assistant:"
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[len(word) for word in text.split()] for text in texts]}
+
+
+def _fake_dataset_copy(spec, directory: Path) -> list[str]:
+    """A tiny local copy of ``spec``'s first accepted layout; the answers it holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    layout = spec.layouts[0]
+    file = directory / layout.files[0].format(split="test").replace("*", "00000")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    problems, answers = ["What is 2 + 3?", "What is 4 * 5?"], ["5", "20"]
+    if spec.kind == "dapo":
+        rows = [{"prompt": [{"content": p, "role": "user"}], "reward_model": {"ground_truth": a},
+                 "extra_info": {"index": f"id-{i}"}} for i, (p, a) in enumerate(zip(problems, answers))]
+    else:
+        rows = [{layout.question[0]: p, layout.answer[0]: f"work\n#### {a}" if spec.kind == "gsm8k" else a}
+                for p, a in zip(problems, answers)]
+    if file.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), file)
+    else:
+        file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return answers
+
+
+def test_configs_read_the_file_prepare_data_writes(tmp_path, capsys, monkeypatch):
+    """data.prompts_file names a file tools/prepare_data.py writes (OUT/<dataset>.parquet), and the
+    trainer's prompt source reads it with the config's own data section (keys, reward, limits)."""
+    from megatron_vespo.train.data import make_prompt_source
+
+    spec_ = importlib.util.spec_from_file_location("prepare_data_for_configs", ROOT / "tools" / "prepare_data.py")
+    prepare_data = importlib.util.module_from_spec(spec_)
+    monkeypatch.setitem(sys.modules, spec_.name, prepare_data)  # its dataclasses look their module up there
+    spec_.loader.exec_module(prepare_data)
+    file_configs = [p for p in YAMLS if load_config(str(p)).data.task == "file"]
+    assert file_configs
+    for path in file_configs:
+        cfg = load_config(str(path))
+        key = Path(cfg.data.prompts_file).stem
+        assert key in prepare_data.SPECS and Path(cfg.data.prompts_file).suffix == ".parquet", \
+            f"{path.name}: data.prompts_file = {cfg.data.prompts_file} is no file tools/prepare_data.py writes"
+        out = tmp_path / path.stem
+        answers = _fake_dataset_copy(prepare_data.SPECS[key], tmp_path / "src" / key)
+        assert prepare_data.main(["--source-dir", str(tmp_path / "src"), "--out-dir", str(out),
+                                  "--datasets", key]) == 0, capsys.readouterr().err
+        data = dataclasses.replace(cfg.data, prompts_file=str(out / Path(cfg.data.prompts_file).name))
+        source = make_prompt_source(data, _WordTokenizer())
+        assert sorted(source.prompt(uid).answer for uid in range(len(answers))) == sorted(answers)
 
 
 def test_check_config_rejects_misfits(capsys):
