@@ -4,6 +4,7 @@ the same losses as an uninterrupted run, and the same losses under a data-parall
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,6 +261,62 @@ def test_a_stop_request_checkpoints_at_the_batch_boundary_and_resumes_exactly(mo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "stop requested" not in proc.stderr
     _assert_same_run(uninterrupted, _metrics(run_dir))
+
+
+def _break_checkpoint(checkpoint, how: str, marker) -> str:
+    """Damage a checkpoint as a disk or a hostile user would; returns the file a warning must name."""
+    if how == "truncated shard":
+        shard = max((checkpoint / "mcore").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 3)
+        return str(shard)
+    if how == "empty trainer state":
+        (checkpoint / "trainer_state.json").write_text("")
+        return str(checkpoint / "trainer_state.json")
+    # an earlier release's scheduler.pt, crafted to create a directory when unpickled
+    from tests.test_checkpoints import Payload
+
+    (checkpoint / "scheduler.json").unlink()
+    torch.save({"num_steps": 4, "max_lr": Payload(marker)}, checkpoint / "scheduler.pt")
+    return str(checkpoint / "scheduler.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated shard", "crafted scheduler.pt"])
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(model_dir, tmp_path, uninterrupted, how):
+    """Resume skips a checkpoint that cannot be loaded, with a warning naming the file, runs no code
+    from it, and continues from the one before: the run still equals the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(*_train_args(model_dir, run_dir, *RESUME_STEPS), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")  # as if killed after step 4's checkpoint
+    marker = tmp_path / "code-ran"
+    named = _break_checkpoint(run_dir / "checkpoints" / "step-4", how, marker)
+
+    proc = run_cli(*_train_args(model_dir, run_dir, *RESUME_STEPS, "run.resume=true"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = next(line for line in proc.stderr.splitlines() if line.startswith("warning: checkpoint"))
+    assert "step-4" in warning and named in warning, warning
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-2'}" in proc.stderr
+    assert not marker.exists()
+    _assert_same_run(uninterrupted, _metrics(run_dir))
+
+
+@pytest.mark.slow
+def test_resume_stops_clearly_when_no_checkpoint_loads(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=4", "run.save_every=2", "run.plot=false"),
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (2, 4):
+        _break_checkpoint(run_dir / "checkpoints" / f"step-{step}", "empty trainer state", None)
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = run_cli(*_train_args(model_dir, run_dir, "run.steps=6", "run.save_every=2", "run.resume=true"),
+                   timeout=600)
+    assert proc.returncode != 0
+    assert "none of the 2 checkpoints" in proc.stderr and "move them away" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing overwritten
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
 @pytest.mark.slow

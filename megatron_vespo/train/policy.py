@@ -9,7 +9,6 @@ parallelism. A sequence never spans micro-batches.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 
@@ -22,7 +21,8 @@ from megatron_vespo.hook import make_forward_step, reduce_metrics
 from megatron_vespo.launcher import log
 from megatron_vespo.losses import LossConfig
 from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
-from megatron_vespo.train.checkpoints import COMPLETE_MARKER, MCORE_DIR, STATE_FILE
+from megatron_vespo.train import checkpoints
+from megatron_vespo.train.checkpoints import COMPLETE_MARKER, MCORE_DIR
 from megatron_vespo.train.grad_norms import gradient_norms
 
 
@@ -256,22 +256,17 @@ class Policy:
 
     def save(self, directory: str, trainer_state: dict) -> None:
         """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""
-        from megatron.core import dist_checkpointing
+        from megatron.core import dist_checkpointing, tensor_parallel
 
         rank = torch.distributed.get_rank()
         if rank == 0:
             os.makedirs(os.path.join(directory, MCORE_DIR), exist_ok=True)
         comm.barrier()
         dist_checkpointing.save(self._sharded_state(), os.path.join(directory, MCORE_DIR))
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        from megatron.core import tensor_parallel
-
-        rng["cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-        torch.save(rng, os.path.join(directory, f"rng_rank{rank}.pt"))
+        checkpoints.write_rng(checkpoints.rng_file(directory, rank), tensor_parallel.get_cuda_rng_tracker().get_states())
         if rank == 0:
-            torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-            with open(os.path.join(directory, STATE_FILE), "w") as f:
-                json.dump(trainer_state, f, indent=1)
+            checkpoints.write_scheduler(directory, self.scheduler.state_dict())
+            checkpoints.write_trainer_state(directory, trainer_state)
         comm.barrier()
         if rank == 0:  # the marker makes the checkpoint visible only once complete
             with open(os.path.join(directory, COMPLETE_MARKER), "w") as f:
@@ -279,24 +274,71 @@ class Policy:
         comm.barrier()
 
     def load(self, directory: str) -> dict:
+        """Restore everything ``save`` wrote; returns the trainer's state. Every file is checked
+        before Megatron reads the shards, on every rank, and the ranks agree: a checkpoint that
+        cannot be loaded raises CheckpointUnreadable (naming the file) on all of them."""
         from megatron.core import dist_checkpointing, tensor_parallel
 
         from megatron_vespo.mcore import versions
 
         rank = torch.distributed.get_rank()
         mcore_dir = os.path.join(directory, MCORE_DIR)
-        versions.check_checkpoint_readable(mcore_dir)
-        state = dist_checkpointing.load(self._sharded_state(load_from=mcore_dir), mcore_dir)
-        for i, chunk in enumerate(self.chunks):
-            chunk.load_state_dict(state["model"][f"model{i}"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=False))
-        rng_file = os.path.join(directory, f"rng_rank{rank}.pt")
-        if os.path.exists(rng_file):
-            rng = torch.load(rng_file, weights_only=False)
+        notes = []
+
+        def side_files():
+            state = checkpoints.read_trainer_state(directory)
+            scheduler = checkpoints.read_scheduler(directory, note=notes.append)
+            path = checkpoints.rng_file(directory, rank)
+            rng = checkpoints.read_rng(path, note=notes.append) if os.path.exists(path) else None
+            checkpoints.check_dist_checkpoint(mcore_dir)
+            versions.check_checkpoint_readable(mcore_dir)
+            return state, scheduler, rng
+
+        def model_and_optimizer():
+            loaded = dist_checkpointing.load(self._sharded_state(load_from=mcore_dir), mcore_dir)
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(loaded["model"][f"model{i}"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+
+        state, scheduler, rng = _on_every_rank(side_files, directory)
+        _on_every_rank(model_and_optimizer, directory)
+        for message in notes:
+            log(message)
+        self.scheduler.load_state_dict(scheduler)
+        if rng is not None:
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
             torch.set_rng_state(rng["torch"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["cuda_tracker"])
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            return json.load(f)
+        return state
+
+
+def _on_every_rank(read, directory: str):
+    """``read()`` on every rank, then one agreement: if it failed anywhere, every rank raises
+    CheckpointUnreadable with what each failing rank found (so no rank goes on alone into a
+    collective the others never reach)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    result, error = None, None
+    try:
+        result = read()
+    except checkpoints.CheckpointUnreadable as err:
+        error = str(err)
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        error = f"{directory}: {type(err).__name__}: {str(err).strip()[:1000]}"
+    errors = comm.broadcast_object(comm.gather_objects(error, dst=0))
+    by_message: dict[str, list[int]] = {}
+    for rank, message in enumerate(errors):
+        if message is not None:
+            by_message.setdefault(message, []).append(rank)
+    if by_message:
+        if len(errors) == 1:
+            raise checkpoints.CheckpointUnreadable(next(iter(by_message)))
+        shown = [f"{message} (rank{'s' if len(ranks) > 1 else ''} {_ranges(ranks)})"
+                 for message, ranks in list(by_message.items())[:4]]
+        raise checkpoints.CheckpointUnreadable("; ".join(shown))
+    return result
+
+
+def _ranges(ranks: list[int]) -> str:
+    return ",".join(str(r) for r in ranks) if len(ranks) <= 4 else f"{ranks[0]}-{ranks[-1]} ({len(ranks)})"

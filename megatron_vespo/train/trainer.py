@@ -127,7 +127,6 @@ class Trainer:
 
     def setup(self) -> None:
         from megatron_vespo.train.data import make_prompt_source
-        from megatron_vespo.train.checkpoints import latest_checkpoint
 
         cfg = self.cfg
         if self.rank == 0:
@@ -136,18 +135,37 @@ class Trainer:
         tokenizer = self._tokenizer()
         self.source = make_prompt_source(cfg.data, tokenizer)
         self.tokenizer = tokenizer
-        checkpoint = latest_checkpoint(self.run_dir) if cfg.run.resume else None
-        if checkpoint:
-            state = self.policy.load(checkpoint)
-            self.step, self.batch_index = state["step"], state["batch_index"]
-            self.data_pos, self.version = state["data_pos"], state["version"]
-            log(f"resumed from {checkpoint}: step {self.step}, engine weight version v{self.version}")
+        if cfg.run.resume:
+            self._resume()
         if self.rank == 0:
             self._open_logs(truncate_after=self.step)
             self._start_engine()
         self.sync = self._weight_sync()
         if self.version > 0:  # the engine starts from the HF weights: give it the checkpoint's
             self._sync_weights(new_version=False)
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads; a broken one (truncated shard, unreadable state)
+        is skipped with a warning naming it, and the one before it is used. None at all: a fresh
+        start. Only broken ones: an error, before anything is overwritten."""
+        from megatron_vespo.train.checkpoints import CheckpointUnreadable, complete_checkpoints
+
+        broken = []
+        for checkpoint in complete_checkpoints(self.run_dir):
+            try:
+                state = self.policy.load(checkpoint)
+            except CheckpointUnreadable as err:
+                log(f"warning: checkpoint {checkpoint} cannot be loaded: {err}; trying the one before it")
+                broken.append(checkpoint)
+                continue
+            self.step, self.batch_index = state["step"], state["batch_index"]
+            self.data_pos, self.version = state["data_pos"], state["version"]
+            log(f"resumed from {checkpoint}: step {self.step}, engine weight version v{self.version}")
+            return
+        if broken:
+            raise RuntimeError(f"run.resume: none of the {len(broken)} checkpoints in "
+                               f"{os.path.join(self.run_dir, 'checkpoints')} can be loaded (see the warnings above); "
+                               "move them away to start afresh")
 
     def _tokenizer(self):
         if self.cfg.data.task == "synthetic":
