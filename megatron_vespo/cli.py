@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     args.argv = argv  # commands that start torchrun re-run themselves with the same arguments
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConnectionError) as err:
+    # bad input and an environment that refuses it (OSError: a file that cannot be read or written,
+    # a port taken, a server unreachable): one line naming it, not a traceback
+    except (ValueError, KeyError, OSError) as err:
         print(f"megatron-vespo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

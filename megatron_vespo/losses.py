@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from megatron_vespo import kernel
+from megatron_vespo import kernel, ranges
 from megatron_vespo.kernel import LOG_RATIO_CLAMP
 
 CORRECTIONS = ("none", "tis", "mis", "fold")
@@ -30,6 +30,30 @@ AGGREGATIONS = (
     "seq_mean_token_sum",
     "legacy_microbatch_token_mean",
 )
+
+
+# The range of every numeric LossConfig field (interval notation, megatron_vespo.ranges), checked by
+# LossConfig.validate: a value outside, NaN or an infinity is an error naming the field. Not here:
+# dual_clip_c (> 1 or None), and mis_low < mis_high (a rule between two fields).
+BOUNDS = {
+    "k_pos": "(0, inf)",  # the kernel W^k exp(lambda (1 - W)) peaks at W = k / lambda (kernel.bounds)
+    "lambda_pos": "(0, inf)",
+    "k_neg": "(0, inf)",
+    "lambda_neg": "(0, inf)",
+    "clip_eps_low": "[0, inf)",
+    "clip_eps_high": "[0, inf)",
+    "gspo_eps_low": "[0, inf)",
+    "gspo_eps_high": "[0, inf)",
+    "sapo_tau_pos": "(0, inf)",  # the gate divides by tau
+    "sapo_tau_neg": "(0, inf)",
+    "cispo_eps_low": "[0, inf)",
+    "cispo_eps_high": "[0, inf)",
+    "gmpo_log_clip": "(0, inf)",  # 0 leaves no room between the clip bounds
+    "tis_cap": "(0, inf)",
+    "mis_low": "(0, inf)",
+    "mis_high": "(0, inf)",
+    "temperature": "(0, inf)",
+}
 
 
 @dataclass
@@ -81,13 +105,11 @@ class LossConfig:
             raise ValueError(
                 f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.mis_low < self.mis_high:
+        for key, interval in BOUNDS.items():
+            ranges.check(key, getattr(self, key), interval)
+        if not self.mis_low < self.mis_high:
             raise ValueError(f"need 0 < mis_low < mis_high, got {self.mis_low}, {self.mis_high}")
-        if self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+        if self.dual_clip_c is not None and not ranges.contains("(1, inf)", self.dual_clip_c):
             raise ValueError(f"dual_clip_c must be > 1 (or None), got {self.dual_clip_c}")
         return self
 

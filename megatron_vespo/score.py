@@ -6,47 +6,55 @@ the reference). JSON lines on stdout, one ``{"logprobs": [...]}`` per input line
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
 from megatron_vespo import comm
 from megatron_vespo.convert.cli import DTYPES, check_hf_layout, load_from_hf
+from megatron_vespo.input_files import text_lines
 from megatron_vespo.launcher import add_layout_arguments, run_distributed
 
 
 def read_score_inputs(path: str, vocab_size: int) -> list[list[int]]:
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ids = json.loads(line)["input_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected a JSON object with 'input_ids' ({err})") from None
-            if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"{path}:{number}: input_ids must be a list of at least 2 integers")
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise ValueError(f"{path}:{number}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-            rows.append(ids)
+    for number, line in text_lines(path, "score input"):
+        try:
+            ids = json.loads(line)["input_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: expected a JSON object with 'input_ids' ({err})") from None
+        if not isinstance(ids, list) or len(ids) < 2 or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{path}:{number}: input_ids must be a list of at least 2 integers")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{path}:{number}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        rows.append(ids)
+    if not rows:
+        raise ValueError(f"score input {path} has no rows (one JSON object with 'input_ids' a line)")
     return rows
 
 
+def _vocab_size(model: str) -> int:
+    """config.json's vocab_size (any causal LM for the hf backend, not only the families mcore builds)."""
+    from megatron_vespo.convert.families import load_hf_config
+
+    vocab = load_hf_config(model).get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"model config of {model}: vocab_size must be an integer >= 1, got {vocab!r}")
+    return vocab
+
+
 def check_score(args, layout) -> None:
+    from megatron_vespo.convert.families import load_model_config
+
     check_hf_layout(args.model, layout)
-    if not os.path.exists(args.input):
-        raise FileNotFoundError(f"no input file {args.input}")
+    read_score_inputs(args.input, load_model_config(args.model)[1].vocab_size)  # every line, before torchrun
 
 
 def score_hf(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    from megatron_vespo.convert.families import load_hf_config
-
-    vocab = int(load_hf_config(args.model)["vocab_size"])
-    inputs = read_score_inputs(args.input, vocab)
+    inputs = read_score_inputs(args.input, _vocab_size(args.model))
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         for ids in inputs:

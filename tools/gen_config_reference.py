@@ -78,15 +78,27 @@ again once the data-parallel size is known); each violation is a `ValueError` na
 
 * **Choices.** Every key with a fixed set of values (listed as "one of" in the tables) must take
   one of them.
-* **Required.** `model.hf_dir` must be set. With `data.task: file`, `data.prompts_file` must be
+* **Required.** `model.hf_dir` and `run.run_dir` must be set. With `data.task: file`, `data.prompts_file` must be
   set. With `rollout.engine: sglang`, `rollout.server_urls` must be set (whatever the weight
   sync route): weight updates (and pause, flush, continue) go to every server directly, the router
   (`rollout.router_url`, optional) routes /generate only.
   `rollout.weight_sync: disk` needs `rollout.weight_sync_dir`; `rollout.weight_sync: inprocess`
-  works only with `rollout.engine: local`.
-* **Sizes.** `model.tp`, `model.pp`, `model.vpp`, `model.cp`, `model.ep`, `model.etp`,
-  `rollout.prompts_per_batch`, `rollout.group_size`, `rollout.max_new_tokens`,
-  `algorithm.staleness`, `run.steps` and `run.log_every` must be >= 1.
+  works only with `rollout.engine: local`. `rollout.server_urls` and `rollout.router_url` take
+  `http://` or `https://` URLs.
+* **Ranges.** Every numeric key must lie in the range its row below gives, in interval notation
+  (`[1, inf)`: 1 or more; `(0, 1]`: above 0, at most 1); NaN and infinities lie outside every
+  range. Why some are what they are: `rollout.group_size` must be at least 2, since both
+  advantage kinds subtract the group's mean reward (grpo also divides by its standard deviation),
+  so a group of one sample has advantage 0 and trains nothing; `algorithm.advantage_eps` must be
+  above 0, since a group whose rewards are all equal has standard deviation 0; `optimizer.lr` 0
+  trains nothing; `optimizer.clip_grad` must be above 0 (Megatron-Core takes 0 as "no clipping"
+  and then logs a gradient norm of 0); `run.seed` seeds numpy, which takes [0, 2^32). Also
+  `rollout.top_k` is -1 (off) or 1 or more, never 0 (SGLang refuses it); `data.seed` takes any
+  integer.
+* **Pairs.** `data.synthetic_min_digits` <= `data.synthetic_max_digits`, and `optimizer.min_lr` <=
+  `optimizer.lr` (the cosine decays from `lr` to `min_lr`). `data.task: synthetic` needs
+  `data.reward: synthetic` and a known `data.synthetic_task`; `data.task: file` needs
+  `data.reward: math`.
 * **Batches divide.** The rollout batch is `rollout.prompts_per_batch x rollout.group_size`
   samples; `algorithm.staleness` (N) must divide it, giving mini-batches of rollout batch / N
   samples (one optimizer step each). The mini-batch must divide over the data-parallel ranks, and
@@ -96,17 +108,16 @@ again once the data-parallel size is known); each violation is a `ValueError` na
 * **Not implemented.** `algorithm.kl_coef` must be 0 (there is no KL penalty to a reference policy).
 * **Routing agreement.** `algorithm.routing_agreement: true` needs `algorithm.routing_replay: r2`
   (it compares the engine's routes with those R2 records).
-* **Async.** With `algorithm.async_rollout: true`, `algorithm.max_policy_lag` must be >= 1.
 * **Bypass.** `algorithm.pi_old: bypass` takes the engine's log-probs as pi_old, so the mismatch
   is zero by construction: `algorithm.loss.correction` must be `none`.
 * **Derived loss fields.** `validate` then overwrites `algorithm.loss.bypass` (true exactly when
   `algorithm.pi_old` is `bypass`) and `algorithm.loss.temperature` (= `rollout.temperature`, so the
   trainer's log-probs use the sampling temperature): values given for them in the YAML file are
   replaced.
-* **Loss.** `LossConfig.validate`: `algorithm.loss.correction: fold` is defined for `vespo` only
-  (the other losses take `tis` or `mis`); `algorithm.loss.temperature` > 0;
-  0 < `algorithm.loss.mis_low` < `algorithm.loss.mis_high`; `algorithm.loss.tis_cap` > 0;
-  `algorithm.loss.dual_clip_c` > 1 or `null` (no dual clip).
+* **Loss.** `LossConfig.validate` (its errors start with `algorithm.loss:`):
+  `algorithm.loss.correction: fold` is defined for `vespo` only (the other losses take `tis` or
+  `mis`); every numeric field lies in the range its row gives; `algorithm.loss.mis_low` <
+  `algorithm.loss.mis_high`; `algorithm.loss.dual_clip_c` > 1 or `null` (no dual clip).
 
 `examples/slurm/check_config.py` runs the same validation for a SLURM job's shape (nodes x GPUs)
 before any GPU starts, and also checks the layout against the model's `config.json`.
@@ -392,6 +403,7 @@ class ValidateInfo:
     choices: dict[str, tuple]          # dotted key -> allowed values
     derived: dict[str, str]            # dotted key -> expression that overwrites it
     keys_named: set[str]               # dotted keys that appear in validate's messages/code
+    bounds: dict[str, str] = field(default_factory=dict)  # dotted key -> its range, e.g. "[1, inf)"
 
 
 def read_validate(root: Section) -> ValidateInfo:
@@ -416,6 +428,9 @@ def read_validate(root: Section) -> ValidateInfo:
                 for k, v in zip(node.value.keys, node.value.values):
                     if isinstance(k, ast.Constant) and isinstance(v, ast.Tuple) and len(v.elts) == 2:
                         info.choices[prefix + k.value] = tuple(ast.literal_eval(v.elts[1]))
+            # for key, interval in BOUNDS.items(): ... (BOUNDS: a module constant {key: interval})
+            if isinstance(node, ast.Name) and node.id == "BOUNDS" and isinstance(src.constants.get("BOUNDS"), dict):
+                info.bounds.update({prefix + k: v for k, v in src.constants["BOUNDS"].items()})
             # if self.X not in NAME: ...
             if (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.NotIn)
                     and isinstance(node.left, ast.Attribute) and isinstance(node.left.value, ast.Name)
@@ -491,6 +506,8 @@ def collect(config_src: Path = CONFIG_SRC, losses_src: Path = LOSSES_SRC, hook_s
     for sec in _sections(root):
         for f in sec.fields:
             f.choices = info.choices.get(f.key, ())
+            if f.key in info.bounds:
+                f.notes.insert(0, f"Range `{info.bounds[f.key]}`.")
             if sec.key == "algorithm.loss" and reads.get(f.name):
                 f.notes.append("Read by " + ", ".join(f"`{r}`" for r in sorted(reads[f.name])) + ".")
             if f.key in info.derived:

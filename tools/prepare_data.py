@@ -162,7 +162,14 @@ def iter_rows(path: Path, columns: list[str] | None = None):
         names = f.schema_arrow.names
         cols = [c for c in columns if c in names] if columns else None
         i = 0
-        for batch in f.iter_batches(batch_size=65536, columns=cols):
+        batches = f.iter_batches(batch_size=65536, columns=cols)
+        while True:
+            try:  # the footer parsed; a data page can still be truncated or corrupt
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as err:
+                raise PrepError(f"{path}: cannot read rows from {i} on ({err})") from None
             for row in batch.to_pylist():
                 yield i, row
                 i += 1
@@ -170,19 +177,28 @@ def iter_rows(path: Path, columns: list[str] | None = None):
                 log(f"  {path.name}: {i}/{f.metadata.num_rows} rows")
         return
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            i = 0
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PrepError(f"{path}: line {lineno} is not valid JSON ({err})") from err
-                if not isinstance(row, dict):
-                    raise PrepError(f"{path}: line {lineno} is not a JSON object")
-                yield i, row
-                i += 1
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise PrepError(f"{path}: cannot read ({err.strerror or err})") from None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise PrepError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                            f"is it a Git LFS pointer or a binary file?") from None
+        i = 0
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PrepError(f"{path}: line {lineno} is not valid JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise PrepError(f"{path}: line {lineno} is not a JSON object")
+            yield i, row
+            i += 1
         return
     raise PrepError(f"{path}: unsupported file type (expected .parquet or .jsonl)")
 
@@ -395,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         except PrepError as err:
             log(f"error: {err}")
             return 1
+        except OSError as err:  # --out-dir not writable, a disk full, ...
+            log(f"error: {key}: cannot write to {args.out_dir}: {err}")
+            return 2
     log("summary: " + "; ".join(f"{c['dataset']} {c['written']}/{c['rows']}" for c in summary)
         + (f"; skipped {len(missing)} missing" if missing else ""))
     return 0

@@ -23,7 +23,6 @@ Prints one summary line on success; exits 2 with the reason otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -70,9 +69,10 @@ def main(argv=None) -> int:
             r.router_url = r.router_url or PLACEHOLDER_URL
         hf_file = args.hf_config or os.path.join(cfg.model.hf_dir, "config.json")
         hf_config = None
-        if os.path.isfile(hf_file):
-            with open(hf_file) as f:
-                hf_config = json.load(f)
+        if os.path.exists(hf_file):
+            from megatron_vespo.convert.families import load_hf_config
+
+            hf_config = load_hf_config(hf_file)  # errors name the file: not JSON, not UTF-8, a directory
         elif args.hf_config:
             raise FileNotFoundError(f"--hf-config {args.hf_config} does not exist")
         summary = check(cfg, args.nodes * args.gpus_per_node, hf_config)

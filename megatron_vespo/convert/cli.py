@@ -35,7 +35,7 @@ def _progress(total: int, desc: str):
 def _copy_tokenizer(src: str, dst: str) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
+        if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     return copied
@@ -51,11 +51,10 @@ def _build(m, layout, params_dtype: torch.dtype = torch.float32):
 
 def load_from_hf(hf_dir: str, layout, params_dtype: torch.dtype = torch.float32):
     """(model config, Megatron model of this rank loaded from HF safetensors, bytes read)."""
-    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.convert.families import load_model_config
     from megatron_vespo.mcore.weights import SafetensorsSource, load_hf_state
 
-    hf_config = load_hf_config(hf_dir)
-    m = model_config_from_hf(hf_config)
+    hf_config, m = load_model_config(hf_dir)
     m.check_layout(layout)
     gpt, ctx = _build(m, layout, params_dtype)
     source = SafetensorsSource(hf_dir)
@@ -66,15 +65,25 @@ def load_from_hf(hf_dir: str, layout, params_dtype: torch.dtype = torch.float32)
 
 def check_hf_layout(hf_dir: str, layout) -> None:
     """The model in ``hf_dir`` is supported and splits over ``layout``: checked before any process starts."""
-    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.convert.families import load_model_config
+    from megatron_vespo.mcore.weights import SafetensorsSource
 
-    model_config_from_hf(load_hf_config(hf_dir)).check_layout(layout)
+    load_model_config(hf_dir)[1].check_layout(layout)
+    SafetensorsSource(hf_dir)  # the weights' index (or single file) is readable: checked before any process starts
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a directory; choose a new directory")
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} is not empty; choose a new directory")
 
 
 def check_import(args, layout) -> None:
+    if not os.path.isdir(args.hf):
+        raise FileNotFoundError(f"--hf {args.hf} is not a directory (a Hugging Face model directory is needed)")
     check_hf_layout(args.hf, layout)
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise FileExistsError(f"{args.out} is not empty; choose a new directory")
+    _check_out(args.out)
 
 
 def hf_to_mcore(args, layout) -> None:
@@ -106,29 +115,39 @@ def checkpoint_source(ckpt: str, base_model: str | None = None, trainer_checkpoi
     trainer checkpoint, which ``trainer_checkpoint(ckpt, base_model)`` recognises and locates
     (``train.checkpoints.model_checkpoint``: the trainer owns its layout; passed in, so that convert
     does not depend on the trainer); its architecture is that of the run's base model."""
-    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.convert.families import load_model_config
+    from megatron_vespo.input_files import InputFileError, read_json_object
     from megatron_vespo.mcore.model import MoEModelConfig
 
     meta_file = os.path.join(ckpt, META)
     if os.path.exists(meta_file):
-        with open(meta_file) as f:
-            meta = json.load(f)
-        model = meta["model"]
-        m = MoEModelConfig(**{**model, "dense_layers": tuple(model["dense_layers"])})
+        meta = read_json_object(meta_file, "checkpoint metadata")
+        try:
+            model = meta["model"]
+            m = MoEModelConfig(**{**model, "dense_layers": tuple(model["dense_layers"])}).validate()
+            if not isinstance(meta["hf_config"], dict):
+                raise TypeError("hf_config is not an object")
+        except (KeyError, TypeError, ValueError) as err:  # written by hf-to-mcore: edited, or another version's
+            raise InputFileError(f"checkpoint metadata {meta_file} is not what 'convert hf-to-mcore' writes "
+                                 f"({type(err).__name__}: {err})") from None
         return m, meta["hf_config"], ckpt, (), os.path.join(ckpt, "hf_files")
     found = trainer_checkpoint(ckpt, base_model) if trainer_checkpoint is not None else None
     if found is not None:
-        hf_config = load_hf_config(found.base_model)
-        return model_config_from_hf(hf_config), hf_config, found.directory, tuple(found.state_path), found.base_model
+        hf_config, m = load_model_config(found.base_model)
+        return m, hf_config, found.directory, tuple(found.state_path), found.base_model
     raise FileNotFoundError(f"{ckpt}: neither a 'convert hf-to-mcore' checkpoint ({META} missing) nor a trainer "
                             f"checkpoint (RUN/checkpoints/step-K with mcore/ and trainer_state.json)")
 
 
 def check_export(args, layout, trainer_checkpoint=None) -> None:
-    m = checkpoint_source(args.ckpt, args.base_model, trainer_checkpoint)[0]
+    from megatron_vespo.mcore import versions
+
+    if args.bucket_mib < 1:
+        raise ValueError(f"--bucket-mib must be >= 1, got {args.bucket_mib}")
+    m, _, directory, _, _ = checkpoint_source(args.ckpt, args.base_model, trainer_checkpoint)
     m.check_layout(layout)
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise FileExistsError(f"{args.out} is not empty; choose a new directory")
+    versions.checkpoint_writer(directory)  # a dist checkpoint with readable metadata.json
+    _check_out(args.out)
 
 
 def mcore_to_hf(args, layout, trainer_checkpoint=None) -> None:

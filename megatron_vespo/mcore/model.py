@@ -83,6 +83,17 @@ class MoEModelConfig:
     def validate(self) -> "MoEModelConfig":
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {FAMILIES}")
+        sizes = ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim",
+                 "ffn_hidden_size", "max_position_embeddings"]
+        if self.is_moe:
+            sizes += ["moe_router_topk", "moe_ffn_hidden_size"]
+        for name in sizes + ["num_experts", "shared_expert_size"]:  # the last two may be 0
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in sizes else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name in sizes else 0}, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "

@@ -13,6 +13,16 @@ import torch.distributed as dist
 _TOKEN = re.compile(r"(tp|pp|vpp|cp|ep|etp|dp)(\d+)")
 
 
+def _check_sizes(**sizes) -> None:
+    """Every parallel size is an integer >= 1 (etp and dp may be None: derived); a 0 from the
+    command line (--tp 0) would otherwise end in a ZeroDivisionError."""
+    for key, value in sizes.items():
+        if value is None and key in ("etp", "dp"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
@@ -22,6 +32,9 @@ class Layout:
     ep: int = 1
     etp: int | None = None  # expert tensor parallel; Megatron's default is tp
     dp: int | None = None  # inferred as the smallest size the expert layout allows
+
+    def __post_init__(self):
+        _check_sizes(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -53,6 +66,7 @@ class Layout:
         """The layout of ``world_size`` processes: data parallelism takes what tp x pp x cp leaves
         (dp = world / (tp * pp * cp)). The one place a run's dp is derived: the trainer, every
         command and the SLURM pre-flight check use it."""
+        _check_sizes(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp)
         per_replica = tp * pp * cp
         if world_size < 1 or world_size % per_replica:
             raise ValueError(f"{world_size} processes are not a multiple of tp {tp} x pp {pp} x cp {cp} = "

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 
 from packaging.version import Version
+
+from megatron_vespo.input_files import read_json_object
 
 SUPPORTED = ">=0.16.1,<0.20"  # as setup.py declares
 
@@ -116,8 +117,7 @@ def checkpoint_writer(directory: str) -> str:
     metadata = os.path.join(directory, "metadata.json")
     if not os.path.exists(metadata):
         raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint: it has no metadata.json")
-    with open(metadata) as f:
-        config = json.load(f)
+    config = read_json_object(metadata, "checkpoint metadata")
     if "common_backend" in config:
         raise FileNotFoundError(f"{directory} is incomplete: metadata.json names a common backend but "
                                 f"{LEGACY_COMMON_FILE} is missing")

@@ -17,13 +17,13 @@ files), so the same function loads checkpoints and shards reference gradients. L
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from megatron_vespo.input_files import InputFileError, check_file, read_json_object
 from megatron_vespo.mcore.model import MoEModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -139,26 +139,42 @@ class DictSource(TensorSource):
         return t if dim is None else t.narrow(dim, start, (stop or t.shape[dim]) - start)
 
 
+def _safe_open(path: str):
+    """safetensors' reader of ``path``; a file it cannot parse (truncated, a Git LFS pointer, not
+    safetensors at all) is an error naming the file instead of safetensors' bare message."""
+    from safetensors import safe_open
+
+    check_file(path, "safetensors file")
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # SafetensorError has no importable base in every release
+        raise InputFileError(f"safetensors file {path} cannot be read ({err}); is it truncated or a "
+                             f"Git LFS pointer?") from None
+
+
 class SafetensorsSource(TensorSource):
     """A Hugging Face model directory (``model.safetensors`` or a sharded index). Reads only the
     requested slices and counts the bytes it read."""
 
     def __init__(self, directory: str):
-        from safetensors import safe_open
-
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InputFileError(f"safetensors index {index} has no 'weight_map' object of tensor name -> file")
+            missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(directory, f))})
+            if missing:
+                raise InputFileError(f"safetensors index {index} names files that are not in {directory}: "
+                                     f"{missing[:5]}")
         else:
             single = os.path.join(directory, "model.safetensors")
             if not os.path.exists(single):
                 raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-            with safe_open(single, "pt") as f:
+            with _safe_open(single) as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         self.directory, self.weight_map = directory, weight_map
         self._files = {}
-        self._open = safe_open
+        self._open = _safe_open
         self.bytes_read = 0
 
     def _file(self, name):
@@ -166,7 +182,7 @@ class SafetensorsSource(TensorSource):
             raise KeyError(f"missing tensor {name!r} in {self.directory}")
         file = self.weight_map[name]
         if file not in self._files:
-            self._files[file] = self._open(os.path.join(self.directory, file), "pt")
+            self._files[file] = self._open(os.path.join(self.directory, file))
         return self._files[file]
 
     def shape(self, name):

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megatron_vespo import ranges
+from megatron_vespo.input_files import InputFileError, read_yaml, yaml_problem
 from megatron_vespo.losses import LossConfig
+from megatron_vespo.train.tasks import SYNTHETIC_TASKS
 
 
 @dataclass
@@ -121,6 +124,52 @@ class RunSection:
     plot: bool = True  # write run_dir/training.png at the end
 
 
+# The range of every numeric key, in interval notation (see megatron_vespo.ranges; docs/CONFIG.md
+# shows it in the key's row). TrainConfig.validate checks each; a value outside, NaN or an infinity
+# is an error naming the key. Not here: data.seed (any integer seeds the prompt stream) and
+# algorithm.kl_coef (must be 0, a rule of its own).
+BOUNDS = {
+    "model.tp": "[1, inf)",
+    "model.pp": "[1, inf)",
+    "model.vpp": "[1, inf)",
+    "model.cp": "[1, inf)",
+    "model.ep": "[1, inf)",
+    "model.etp": "[1, inf)",
+    "data.synthetic_min_digits": "[1, inf)",
+    "data.synthetic_max_digits": "[1, inf)",
+    "data.max_prompt_tokens": "[1, inf)",
+    "rollout.local_port": "[0, 65535]",
+    "rollout.local_max_batch": "[1, inf)",
+    "rollout.prompts_per_batch": "[1, inf)",
+    "rollout.group_size": "[2, inf)",  # group advantages of one sample are all 0
+    "rollout.max_new_tokens": "[1, inf)",
+    "rollout.temperature": "(0, inf)",
+    "rollout.top_p": "(0, 1]",
+    "rollout.top_k": "[-1, inf)",  # and not 0
+    "rollout.max_concurrency": "[1, inf)",
+    "rollout.timeout_s": "(0, inf)",
+    "rollout.max_attempts": "[1, inf)",
+    "rollout.weight_sync_bucket_mb": "[1, inf)",
+    "rollout.weight_sync_master_port": "[0, 65535]",
+    "algorithm.staleness": "[1, inf)",
+    "algorithm.micro_batch_size": "[0, inf)",  # 0: the whole mini-batch
+    "algorithm.advantage_eps": "(0, inf)",  # grpo divides by std + eps; a group of equal rewards has std 0
+    "algorithm.max_policy_lag": "[1, inf)",
+    "optimizer.lr": "(0, inf)",  # 0 trains nothing
+    "optimizer.min_lr": "[0, inf)",
+    "optimizer.warmup_steps": "[0, inf)",
+    "optimizer.weight_decay": "[0, inf)",
+    "optimizer.adam_beta1": "[0, 1)",
+    "optimizer.adam_beta2": "[0, 1)",
+    "optimizer.adam_eps": "(0, inf)",  # 0 divides 0 by 0 for a parameter without gradient yet
+    "optimizer.clip_grad": "(0, inf)",  # Megatron-Core reads <= 0 as "no clipping" and logs grad_norm 0
+    "run.steps": "[1, inf)",
+    "run.seed": "[0, 4294967295]",  # numpy's global seed
+    "run.save_every": "[0, inf)",  # 0: only at the end
+    "run.log_every": "[1, inf)",
+}
+
+
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -138,8 +187,14 @@ class TrainConfig:
     def mini_batch_samples(self) -> int:
         return self.rollout_samples // self.algorithm.staleness
 
+    def _get(self, key: str):
+        value = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
     def validate(self, data_parallel_size: int = 1) -> "TrainConfig":
-        r, a, m = self.rollout, self.algorithm, self.model
+        r, a, m, d, o = self.rollout, self.algorithm, self.model, self.data, self.optimizer
         choices = {"rollout.engine": (r.engine, ("local", "sglang")),
                    "rollout.weight_sync": (r.weight_sync, ("distributed", "disk", "inprocess", "tensor")),
                    "rollout.weight_sync_backend": (r.weight_sync_backend, ("nccl", "gloo")),
@@ -150,24 +205,41 @@ class TrainConfig:
                    "algorithm.mini_batch_order": (a.mini_batch_order, ("grouped", "shuffled")),
                    "algorithm.pi_old": (a.pi_old, ("recompute", "bypass")),
                    "algorithm.routing_replay": (a.routing_replay, ("none", "r2", "r3")),
-                   "data.task": (self.data.task, ("synthetic", "file")),
-                   "data.reward": (self.data.reward, ("synthetic", "math"))}
+                   "data.task": (d.task, ("synthetic", "file")),
+                   "data.reward": (d.reward, ("synthetic", "math"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} = {value!r}; choose one of {list(allowed)}")
         if not m.hf_dir:
             raise ValueError("model.hf_dir is required (the Hugging Face checkpoint to train)")
-        for key in ("tp", "pp", "vpp", "cp", "ep", "etp"):
-            if getattr(m, key) < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {getattr(m, key)}")
-        for key, value in (("rollout.prompts_per_batch", r.prompts_per_batch), ("rollout.group_size", r.group_size),
-                           ("rollout.max_new_tokens", r.max_new_tokens), ("algorithm.staleness", a.staleness),
-                           ("run.steps", self.run.steps)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
+        if not self.run.run_dir:  # "" would scatter metrics and checkpoints over the working directory
+            raise ValueError("run.run_dir is required (metrics, plots and checkpoints go there)")
+        # before the generic range check, to say why: both advantage kinds subtract the group mean
+        # (grpo also divides by the group std, NaN for one sample), so one sample gives 0 everywhere
         if r.group_size < 2:
             raise ValueError(f"rollout.group_size = {r.group_size}: group advantages need at least 2 samples per "
                              "prompt (with 1, every advantage is 0 and nothing is learned)")
+        for key, interval in BOUNDS.items():
+            ranges.check(key, self._get(key), interval)
+        if r.top_k == 0:
+            raise ValueError("rollout.top_k = 0: every /generate would be refused (SGLang's top_k is -1 for off, "
+                             "or a count >= 1)")
+        if d.synthetic_min_digits > d.synthetic_max_digits:
+            raise ValueError(f"data.synthetic_min_digits = {d.synthetic_min_digits} is more than "
+                             f"data.synthetic_max_digits = {d.synthetic_max_digits}")
+        if d.task == "synthetic" and d.synthetic_task not in SYNTHETIC_TASKS:
+            raise ValueError(f"data.synthetic_task = {d.synthetic_task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+        if (d.task, d.reward) not in (("synthetic", "synthetic"), ("file", "math")):
+            needed = "synthetic" if d.task == "synthetic" else "math"
+            raise ValueError(f"data.task = {d.task} needs data.reward = {needed} (got {d.reward!r}): synthetic "
+                             "answers are token ids, file answers strings")
+        if o.min_lr > o.lr:
+            raise ValueError(f"optimizer.min_lr = {o.min_lr} is above optimizer.lr = {o.lr}: the cosine decays "
+                             "from lr down to min_lr")
+        urls = list(r.server_urls) + ([r.router_url] if r.router_url else [])
+        bad = [u for u in urls if not (isinstance(u, str) and u.startswith(("http://", "https://")))]
+        if bad:
+            raise ValueError(f"rollout.server_urls and rollout.router_url take http:// or https:// URLs, got {bad}")
         if self.rollout_samples % a.staleness:
             raise ValueError(f"algorithm.staleness = {a.staleness} does not divide the rollout batch of "
                              f"{self.rollout_samples} samples (rollout.prompts_per_batch x rollout.group_size)")
@@ -181,8 +253,6 @@ class TrainConfig:
         if a.kl_coef != 0.0:
             raise ValueError(f"algorithm.kl_coef = {a.kl_coef}: a KL penalty to a reference policy is not "
                              "implemented (the VESPO and DAPO recipes use none); set it to 0")
-        if self.run.log_every < 1:
-            raise ValueError(f"run.log_every must be >= 1, got {self.run.log_every}")
         if self.run.save_every and self.run.save_every % a.staleness:
             raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
                              f"{a.staleness}: checkpoints are taken between rollout batches")
@@ -197,14 +267,15 @@ class TrainConfig:
             raise ValueError("rollout.weight_sync = inprocess works only with the local engine")
         if r.weight_sync == "disk" and not r.weight_sync_dir:
             raise ValueError("rollout.weight_sync = disk needs rollout.weight_sync_dir")
-        if a.async_rollout and a.max_policy_lag < 1:
-            raise ValueError(f"algorithm.max_policy_lag must be >= 1 in async mode, got {a.max_policy_lag}")
         if a.pi_old == "bypass" and a.loss.correction != "none":
             raise ValueError("algorithm.pi_old = bypass uses the engine's log-probs as pi_old, so a mismatch "
                              f"correction ({a.loss.correction}) has nothing to correct; set loss.correction = none")
-        if self.data.task == "file" and not self.data.prompts_file:
+        if d.task == "file" and not d.prompts_file:
             raise ValueError("data.task = file needs data.prompts_file (.jsonl or .parquet)")
-        a.loss = dataclasses.replace(a.loss, bypass=(a.pi_old == "bypass"), temperature=r.temperature).validate()
+        try:
+            a.loss = dataclasses.replace(a.loss, bypass=(a.pi_old == "bypass"), temperature=r.temperature).validate()
+        except ValueError as err:  # LossConfig names its fields; say which section they are in
+            raise ValueError(f"algorithm.loss: {err}") from None
         return self
 
     # -- (de)serialisation ----------------------------------------------------------------------
@@ -260,10 +331,11 @@ def _coerce(value, annotation, key: str):
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise ValueError(f"{'section ' + prefix.rstrip('.') if prefix else 'the config'} must be a mapping of "
+                         f"keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys need not be strings
     if unknown:
         where = f"section {prefix.rstrip('.')}" if prefix else "the top level"
         raise ValueError(f"unknown config key(s) {[f'{prefix}{u}' for u in unknown]} in {where}; "
@@ -272,7 +344,8 @@ def _build(cls, data: dict, prefix: str = ""):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+            # an empty section (`model:`) keeps the defaults; `model: 0` or `model: []` is an error
+            kwargs[name] = _build(hint, {} if value is None else value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**kwargs)
@@ -282,7 +355,11 @@ def _parse_override(text: str):
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({yaml_problem(err)}); quote it, "
+                         f"e.g. {key}=\"'{raw}'\"") from None
     return key.strip(), value
 
 
@@ -290,16 +367,20 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (or none) plus ``section.key=value`` overrides -> TrainConfig (not yet validated)."""
     data: dict = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml(path, "config file")
+        if data is None:  # an empty file (or only comments): all defaults
+            data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the config must be a YAML mapping")
+            raise InputFileError(f"config file {path} must be a YAML mapping of sections, got "
+                                 f"{type(data).__name__}")
     for text in overrides:
         key, value = _parse_override(text)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {part} is not a section")
         node[parts[-1]] = value

@@ -24,8 +24,9 @@ Prompt files (``PromptFile``)
       tokenizer; ``num_skipped`` / ``skipped_rows`` say which, and a warning gives the count. A
       file where every prompt is too long is an error.
     * Errors name the file, the column and the row (0-based data row; jsonl errors also give the
-      line): a missing column, an empty file, a prompt that is neither a string nor a message
-      list, an answer that is not a string.
+      line): a missing file, a directory, another extension, bytes that are not UTF-8 (jsonl) or
+      not parquet, a missing column, an empty file, a prompt that is neither a string nor a
+      message list, an answer that is not a string.
 
 Rewards: ``synthetic`` scores token ids with ``SyntheticTask.reward``; ``math`` scores the response
 text with ``tasks.math_reward`` (math-verify on the last ``\\boxed{}``). A reward function that
@@ -43,12 +44,13 @@ import random
 from collections import OrderedDict
 from typing import Callable
 
+from megatron_vespo.input_files import InputFileError, check_file, read_json_object, text_lines
 from megatron_vespo.train.tasks import Prompt, SyntheticTask, math_reward
 
 log = logging.getLogger(__name__)
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputFileError):
     """A prompt file that cannot be used; the message names the file (and column/row)."""
 
 
@@ -80,26 +82,48 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+SUFFIXES = (".jsonl", ".parquet")
+
+
+def _check_prompt_file(path: str) -> str:
+    """The file's suffix, once it is known to exist, not to be a directory and to be supported."""
+    check_file(path, "prompt file", PromptFileError)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise PromptFileError(f"prompt file {path}: unsupported extension {suffix!r}; use .jsonl or .parquet")
+    return suffix
+
+
+def _parquet_schema(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except Exception as err:  # pyarrow's errors (ArrowInvalid, OSError, ...) share no narrower base
+        raise PromptFileError(f"{path}: cannot read as parquet ({err})") from None
+
+
+def _jsonl_lines(path: str) -> list[tuple[int, str]]:
+    return text_lines(path, "prompt file", PromptFileError)
+
+
 def _read_columns(path: str, keys: list[str]) -> tuple[list[list], int]:
     """Read the columns named by ``keys`` (dotted paths allowed) -> (one list per key, rows)."""
-    suffix = os.path.splitext(path)[1].lower()
-    if not os.path.exists(path):
-        raise PromptFileError(f"prompt file {path} does not exist")
+    suffix = _check_prompt_file(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        try:
-            schema = pq.read_schema(path)
-        except Exception as err:
-            raise PromptFileError(f"{path}: cannot read as parquet ({err})") from err
-        columns = list(schema.names)
+        columns = list(_parquet_schema(path).names)
         heads = []
         for key in keys:
             head, _ = _split_key(key, columns)
             if head not in columns:
                 raise PromptFileError(f"{path}: no column {key!r}; the file has columns {columns}")
             heads.append(head)
-        table = pq.read_table(path, columns=sorted(set(heads)))
+        try:  # the schema is in the footer; the data pages can still be truncated or corrupt
+            table = pq.read_table(path, columns=sorted(set(heads)))
+        except Exception as err:
+            raise PromptFileError(f"{path}: cannot read as parquet ({err})") from None
         n = table.num_rows
         raw = {h: table.column(h).to_pylist() for h in set(heads)}
         out = []
@@ -112,18 +136,15 @@ def _read_columns(path: str, keys: list[str]) -> tuple[list[list], int]:
         return out, n
     if suffix == ".jsonl":
         rows, lines = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PromptFileError(f"{path}: line {lineno} is not valid JSON ({err})") from err
-                if not isinstance(row, dict):
-                    raise PromptFileError(f"{path}: line {lineno} is not a JSON object (got {_short(row)})")
-                rows.append(row)
-                lines.append(lineno)
+        for lineno, line in _jsonl_lines(path):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{path}: line {lineno} is not valid JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise PromptFileError(f"{path}: line {lineno} is not a JSON object (got {_short(row)})")
+            rows.append(row)
+            lines.append(lineno)
         out = []
         for key in keys:
             values = []
@@ -135,31 +156,25 @@ def _read_columns(path: str, keys: list[str]) -> tuple[list[list], int]:
                 values.append(_dig(row[head], sub, f"{path}: column {key!r} row {i} (line {lineno})"))
             out.append(values)
         return out, len(rows)
-    raise PromptFileError(f"prompt file {path}: unsupported extension {suffix!r}; use .jsonl or .parquet")
+    raise AssertionError(suffix)  # _check_prompt_file admits only SUFFIXES
 
 
 def _has_column(path: str, key: str) -> bool:
     """Whether the file's schema (parquet) or first row (jsonl) has the column ``key``."""
-    if path.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return key in pq.read_schema(path).names
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    return False  # _read_columns names the bad line
-                return isinstance(row, dict) and key in row
+    if _check_prompt_file(path) == ".parquet":
+        return key in _parquet_schema(path).names
+    for _, line in _jsonl_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False  # _read_columns names the bad line
+        return isinstance(row, dict) and key in row
     return False
 
 
 def read_token_prompts(path: str, key: str = "input_ids") -> list[list[int]] | None:
     """Prompts given as token ids (a column ``key`` of non-empty integer lists), or None when the
     file has no such column (then it holds text prompts for ``PromptFile``)."""
-    if not os.path.exists(path):
-        raise PromptFileError(f"prompt file {path} does not exist")
     if not _has_column(path, key):
         return None
     (values,), _ = _read_columns(path, [key])
@@ -186,6 +201,29 @@ def _as_messages(value, where: str) -> list[dict] | None:
                                   f"got {_short(m)}")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
+
+
+# -- the tokenizer -----------------------------------------------------------------------------
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
+
+
+def load_tokenizer(model_dir: str):
+    """The Hugging Face tokenizer of ``model_dir``. Its JSON files are read first, so a broken one
+    is an error naming the file (transformers raises the bare JSON or UTF-8 error); any other
+    failure names the directory."""
+    from transformers import AutoTokenizer
+
+    for name in TOKENIZER_JSON_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            read_json_object(path, "tokenizer file")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; named for the user
+        raise InputFileError(f"the tokenizer of {model_dir} could not be loaded ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 # -- the prompt file ---------------------------------------------------------------------------

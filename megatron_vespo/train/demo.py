@@ -48,7 +48,7 @@ def build_model(directory: str, task_name: str = "reverse", log=print, digits: t
 
     stamp_file = os.path.join(directory, "demo_stamp.txt")
     stamp = _stamp(task_name, digits, warm)
-    if os.path.exists(stamp_file) and open(stamp_file).read().strip() == stamp:
+    if os.path.isfile(stamp_file) and open(stamp_file, "rb").read().strip() == stamp.encode():  # else: rebuild
         log(f"model: reusing {directory}")
         return directory
     torch.manual_seed(warm["seed"])
@@ -108,11 +108,12 @@ def main(args) -> int:
     from megatron_vespo.train.config import load_config
     from megatron_vespo.train.trainer import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides).validate()  # before minutes of building the model
     if cfg.data.task != "synthetic":
         raise ValueError("the demo runs a synthetic task (data.task = synthetic)")
+    if args.warm_start_steps < 0:
+        raise ValueError(f"--warm-start-steps must be >= 0, got {args.warm_start_steps}")
     build_model(cfg.model.hf_dir, cfg.data.synthetic_task, log=lambda m: print(m, file=sys.stderr, flush=True),
                 digits=(cfg.data.synthetic_min_digits, cfg.data.synthetic_max_digits),
                 warm_start_steps=args.warm_start_steps)
-    cfg.validate()
     return run_training(cfg)  # its last line of output: "run directory: PATH"

@@ -49,17 +49,15 @@ def load_prompts(args, vocab_size: int) -> list[list[int]]:
         task = SyntheticTask(name=args.prompts[len(SYNTHETIC_PREFIX):], seed=args.seed)
         prompts = [task.prompt(uid).input_ids for uid in range(args.num_prompts)]
     else:
-        from megatron_vespo.train.data import PromptFile, read_token_prompts
+        from megatron_vespo.train.data import PromptFile, load_tokenizer, read_token_prompts
 
         prompts = read_token_prompts(args.prompts)
         if prompts is None:
-            from transformers import AutoTokenizer
-
             try:
-                tokenizer = AutoTokenizer.from_pretrained(args.model)
-            except Exception as err:  # noqa: BLE001 - named for the user
-                raise ValueError(f"{args.prompts} holds text prompts but the tokenizer of {args.model} could not "
-                                 f"be loaded ({err}); give token ids (an 'input_ids' column)") from None
+                tokenizer = load_tokenizer(args.model)
+            except ValueError as err:
+                raise ValueError(f"{args.prompts} holds text prompts, so they need the model's tokenizer: {err}; "
+                                 "or give token ids (an 'input_ids' column)") from None
             file = PromptFile(args.prompts, prompt_key=args.prompt_key, answer_key=args.answer_key,
                               tokenizer=tokenizer, max_prompt_tokens=args.max_prompt_tokens,
                               apply_chat_template=args.apply_chat_template, seed=args.seed)
@@ -141,9 +139,9 @@ def _policy(args, layout):
     # routes, "replay" forces the engine's (R3)
     cfg.algorithm.routing_replay = "r2"
     cfg.algorithm.loss = LossConfig(temperature=args.temperature).validate()
-    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.convert.families import load_model_config
 
-    if not model_config_from_hf(load_hf_config(args.model)).num_experts:
+    if not load_model_config(args.model)[1].num_experts:
         cfg.algorithm.routing_replay = "none"
     return Policy(cfg, layout, trainable=False)
 
@@ -395,26 +393,35 @@ def add_arguments(parser) -> None:
 
 def check_args(args, layout) -> None:
     """Bad input fails here, before any process or engine starts."""
-    from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+    from megatron_vespo.convert.families import load_model_config
     from megatron_vespo.kernel import PHI_ZERO
+    from megatron_vespo.train.data import read_token_prompts
+    from megatron_vespo.train.tasks import SyntheticTask
 
     if args.phi_zero is None:
         args.phi_zero = PHI_ZERO
-    for name in ("n", "num_prompts", "max_new_tokens", "micro_batch_size", "length_bins", "max_concurrency"):
+    for name in ("n", "num_prompts", "max_new_tokens", "micro_batch_size", "length_bins", "max_concurrency",
+                 "max_prompt_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+    if not 0 < args.temperature < float("inf") or not 0 < args.top_p <= 1:
         raise ValueError(f"need --temperature > 0 and 0 < --top-p <= 1 (got {args.temperature}, {args.top_p})")
+    if args.top_k == 0 or args.top_k < -1:
+        raise ValueError(f"--top-k must be -1 (off) or >= 1, got {args.top_k}")
     if not 0 < args.phi_zero < 1:
         raise ValueError(f"--phi-zero must lie in (0, 1), got {args.phi_zero}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model}: no config.json (a Hugging Face model directory is needed)")
-    m = model_config_from_hf(load_hf_config(args.model))
+    m = load_model_config(args.model)[1]
     m.check_layout(layout)
     if args.r3 and not m.num_experts:
         raise ValueError(f"--r3 replays expert routes but {args.model} is a dense model")
-    if not args.prompts.startswith(SYNTHETIC_PREFIX) and not os.path.isfile(args.prompts):
+    if args.prompts.startswith(SYNTHETIC_PREFIX):
+        SyntheticTask(name=args.prompts[len(SYNTHETIC_PREFIX):])  # an unknown task name fails here
+    elif not os.path.isfile(args.prompts):
         raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
+    else:
+        read_token_prompts(args.prompts)  # unreadable or malformed files fail here, named (text prompts: later)
     if args.engine != "local" and not all(u.strip().startswith(("http://", "https://"))
                                           for u in args.engine.split(",")):
         raise ValueError(f"--engine must be 'local' or http(s):// server URLs, got {args.engine!r}")
