@@ -94,6 +94,20 @@ def test_mini_batches_grouped_in_order_or_shuffled():
         load_config(CONFIG, ["rollout.group_size=1"]).validate()
 
 
+def test_metrics_of_a_killed_run_read_back_without_the_partial_line(tmp_path):
+    from megatron_vespo.train.trainer import _read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "x": 0.5}\n{"step": 2, "x": 0.25}\n{"step": 3, "x"')  # killed mid-write
+    assert [row["step"] for row in _read_metrics(str(path))] == [1, 2]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: .*fix or remove the line"):
+        _read_metrics(str(path))
+    path.write_text('{"step": "one"}\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{path}:1: not a metrics row"):
+        _read_metrics(str(path))
+
+
 def test_a_sample_from_a_rollout_holds_prompt_then_response():
     from types import SimpleNamespace
 

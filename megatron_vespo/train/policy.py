@@ -36,14 +36,13 @@ class Policy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from megatron_vespo.convert.families import load_hf_config, model_config_from_hf
+        from megatron_vespo.convert.families import load_model_config
         from megatron_vespo.mcore.model import build_gpt_chunks, transformer_config
         from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, check_embedding_rows, load_hf_state
 
         self.cfg, self.layout = cfg, layout
         initialize_model_parallel(layout, seed=cfg.run.seed)
-        self.hf_config = load_hf_config(cfg.model.hf_dir)
-        self.model_cfg = model_config_from_hf(self.hf_config)
+        self.hf_config, self.model_cfg = load_model_config(cfg.model.hf_dir)
         self.model_cfg.check_layout(layout)
         dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
         overrides = {}

@@ -74,6 +74,26 @@ def group_advantages(rewards: np.ndarray, group_size: int, kind: str, eps: float
     return centred.reshape(-1)
 
 
+def _read_metrics(path: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl. A kill mid-write leaves a partial last line: dropped
+    (the checkpoint the run resumes from never covers it); any other bad line is named."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row with an integer step")
+        except ValueError as err:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                log(f"{path}:{number}: a partial last line (the run was killed while writing it), dropped")
+                break
+            raise ValueError(f"{path}:{number}: {err}; fix or remove the line to resume") from None
+        rows.append(row)
+    return rows
+
+
 def mini_batch_ids(n: int, staleness: int, order: str, seed: int) -> list[list[int]]:
     """Sample ids of each of the N mini-batches. "grouped": contiguous blocks in order, so each
     prompt's group stays together (the paper's reference); "shuffled": a seeded permutation."""
@@ -170,9 +190,9 @@ class Trainer:
     def _tokenizer(self):
         if self.cfg.data.task == "synthetic":
             return None
-        from transformers import AutoTokenizer
+        from megatron_vespo.train.data import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(self.cfg.model.hf_dir)
+        return load_tokenizer(self.cfg.model.hf_dir)
 
     def _start_engine(self) -> None:
         from megatron_vespo.rollout.client import EngineControl, RolloutClient, wait_until_healthy
@@ -269,9 +289,7 @@ class Trainer:
         path = os.path.join(self.run_dir, "metrics.jsonl")
         kept = []
         if os.path.exists(path):  # a resumed run keeps what the checkpoint covers, nothing after it
-            with open(path) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
-            kept = [row for row in kept if row["step"] <= truncate_after]
+            kept = [row for row in _read_metrics(path) if row["step"] <= truncate_after]
         with open(path, "w") as f:
             for row in kept:
                 f.write(json.dumps(row) + "\n")
