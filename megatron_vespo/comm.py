@@ -166,32 +166,40 @@ class StandaloneGroup:
     ``"cuda/"`` for NCCL. The same prefixes here, without registering the group in torch's global
     tables (a trainer and an in-process engine may both hold one of the same name).
 
-    ``backend`` "nccl" (GPU clusters) or "gloo" (CPU and the local engine)."""
+    ``backend`` "nccl" (GPU clusters) or "gloo" (CPU and the local engine). ``timeout_s`` bounds
+    each broadcast, and joining too unless ``connect_timeout_s`` is given: then connecting to the
+    store and the rendezvous give up after that (torch's TCPStore tries twice, so a dead address is
+    given up after about twice it), while broadcasts keep ``timeout_s``."""
 
     BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
-                 group_name: str = "weight_sync", timeout_s: float = 600.0):
+                 group_name: str = "weight_sync", timeout_s: float = 600.0, connect_timeout_s: float | None = None):
         import datetime
 
         if backend not in self.BACKEND_DEVICE:
             raise ValueError(f"weight-sync backend must be 'nccl' or 'gloo', got {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout, multi_tenant=True)
+        join = timeout if connect_timeout_s is None else datetime.timedelta(seconds=connect_timeout_s)
+        # per-broadcast timeout; None: the group's own (``timeout``)
+        self._op_timeout = None if connect_timeout_s is None else timeout
+        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=join, multi_tenant=True)
         for prefix in (group_name, f"{group_name}/", f"{self.BACKEND_DEVICE[backend]}/"):
             store = dist.PrefixStore(prefix, store)
         if backend == "gloo":
-            self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, join)
         else:
             options = dist.ProcessGroupNCCL.Options()
             options.is_high_priority_stream = False
-            options._timeout = timeout
+            options._timeout = timeout  # NCCL connects at its first collective: nothing to bound here
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, options)
         self.rank, self.world_size, self.backend, self.name = rank, world_size, backend, group_name
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         options = dist.BroadcastOptions()
         options.rootRank = src
+        if self._op_timeout is not None:
+            options.timeout = self._op_timeout
         COUNTER["weight_sync_broadcast"] += 1
         self.group.broadcast([tensor], options).wait()
         return tensor

@@ -37,6 +37,12 @@ def test_sampling_keys_are_sglangs_own(schema):
     ({"ignore_eos": 1}, "ignore_eos must be a boolean"),
     ({"stop_token_ids": [3, 999]}, "outside [0, 100)"),
     ({"regex": "a", "ebnf": "b"}, "only one of"),
+    # numbers past what the engine's tensors hold (issue 17): refused here, not in a shared step
+    ({"top_k": 10**20}, "top_k must fit in 64 bits ([-2**63, 2**63 - 1]), got a 21-digit integer"),
+    ({"sampling_seed": -2**63 - 1}, "sampling_seed must fit in 64 bits"),
+    ({"temperature": 10**400}, "temperature must be a finite number, got a 401-digit integer"),
+    ({"min_p": float("inf")}, "min_p must be a finite number"),
+    ({"stop_token_ids": [10**30]}, "stop_token_ids must hold 64-bit integers"),
 ])
 def test_bad_sampling_params_are_named(params, message, schema):
     with pytest.raises(ValueError) as err:

@@ -105,6 +105,7 @@ class LocalEngine(RequestPreparation, Scheduler, EngineWeights):
         self._updates_pending = 0
         self._session_open = False
         self._groups: dict[str, object] = {}
+        self._joining: set[str] = set()  # weight-update groups being joined (one at a time)
         self._receive_lock = threading.Lock()  # broadcasts of two buckets must not interleave
         self._closed = False
         self._seed_rng = random.Random(seed)
@@ -118,7 +119,8 @@ class LocalEngine(RequestPreparation, Scheduler, EngineWeights):
     def _load_model(self, path: str):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        # local_files_only: a path that is not a directory must fail here, never become a hub download
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=True)
         model.eval()
         model.requires_grad_(False)
         return model
@@ -130,7 +132,7 @@ class LocalEngine(RequestPreparation, Scheduler, EngineWeights):
             return None
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     def _install_router_hooks(self) -> tuple[int, ...]:
         """Hook every router: transformers 5 routers (``*TopKRouter`` at ``model.layers.L.mlp.gate``)

@@ -45,9 +45,24 @@ class MissingRoutesError(ProtocolError):
     """Routed experts were asked for and not returned."""
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def brief(value, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, short: a number with hundreds of digits (or a long
+    string) would bury the message it is quoted in."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        return f"a {len(str(abs(value)))}-digit integer"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def validate_sampling_params(params: dict, vocab_size: int | None = None) -> dict:
     """Return ``params`` unchanged if SGLang 0.5.23 accepts them, else raise ValueError naming the key.
-    Mirrors the schema's key/type checks and ``SamplingParams.verify``'s ranges."""
+    Mirrors the schema's key/type checks and ``SamplingParams.verify``'s ranges. Integers must fit
+    64 bits (SGLang's msgspec schema decodes them so, and the engine's tensors hold them so) and
+    numbers must convert to finite floats: a value past either would raise later, in a step shared
+    with other requests."""
     if not isinstance(params, dict):
         raise ValueError(f"sampling_params must be a JSON object, got {type(params).__name__}")
     unknown = sorted(set(params) - SAMPLING_PARAM_KEYS)
@@ -57,15 +72,26 @@ def validate_sampling_params(params: dict, vocab_size: int | None = None) -> dic
     for key, value in params.items():
         if value is None:
             continue
-        if key in _INT_KEYS and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"sampling_params.{key} must be an integer, got {value!r}")
-        if key in _FLOAT_KEYS and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ValueError(f"sampling_params.{key} must be a number, got {value!r}")
+        if key in _INT_KEYS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"sampling_params.{key} must be an integer, got {brief(value)}")
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise ValueError(f"sampling_params.{key} must fit in 64 bits ([-2**63, 2**63 - 1]), "
+                                 f"got {brief(value)}")
+        if key in _FLOAT_KEYS:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"sampling_params.{key} must be a number, got {brief(value)}")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
+                raise ValueError(f"sampling_params.{key} must be a finite number, got {brief(value)}")
         if key in _BOOL_KEYS and not isinstance(value, bool):
-            raise ValueError(f"sampling_params.{key} must be a boolean, got {value!r}")
+            raise ValueError(f"sampling_params.{key} must be a boolean, got {brief(value)}")
     get = params.get
     temperature = get("temperature", 1.0)
-    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+    if temperature is not None and temperature < 0:
         raise ValueError(f"sampling_params.temperature must be a non-negative finite number, got {temperature}")
     top_p = get("top_p", 1.0)
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -92,7 +118,9 @@ def validate_sampling_params(params: dict, vocab_size: int | None = None) -> dic
     stop_ids = get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-            raise ValueError(f"sampling_params.stop_token_ids must be a list of integers, got {stop_ids!r}")
+            raise ValueError(f"sampling_params.stop_token_ids must be a list of integers, got {brief(stop_ids)}")
+        if any(not INT64_MIN <= t <= INT64_MAX for t in stop_ids):
+            raise ValueError("sampling_params.stop_token_ids must hold 64-bit integers")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in stop_ids):
             raise ValueError(f"sampling_params.stop_token_ids has ids outside [0, {vocab_size})")
     if sum(get(k) is not None for k in ("json_schema", "regex", "ebnf", "structural_tag")) > 1:

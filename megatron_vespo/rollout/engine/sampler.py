@@ -34,7 +34,9 @@ def sample(rows: list[Request], logits: torch.Tensor, eos_token_ids: frozenset) 
             probs, order = probs.sort(dim=-1, descending=True)
             cumulative = probs.cumsum(dim=-1)
             vocab = probs.shape[-1]
-            top_k = torch.tensor([samplings[i].top_k if samplings[i].top_k > 0 else vocab for i in sampled])
+            # a top_k past the vocabulary means all of it (as in SGLang); capped, no row can overflow the tensor
+            top_k = torch.tensor([min(samplings[i].top_k, vocab) if samplings[i].top_k > 0 else vocab
+                                  for i in sampled])
             top_p = torch.tensor([samplings[i].top_p for i in sampled])
             min_p = torch.tensor([samplings[i].min_p for i in sampled])
             probs[torch.arange(vocab)[None, :] >= top_k[:, None]] = 0.0

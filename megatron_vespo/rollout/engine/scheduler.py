@@ -71,7 +71,7 @@ class Scheduler:
             if pending:
                 batch.add(pending, *self._prefill(pending))
                 pending = []
-            picks = sampler.sample(batch.rows, batch.last, self.eos_token_ids)
+            picks = self._sample(batch.rows, batch.last)
             with self._cond:
                 self._record(batch.rows, picks)
                 self._hold_in_place(batch.rows)
@@ -91,6 +91,25 @@ class Scheduler:
             self._decode(batch)
 
     # -- the steps of _run_batch; those named "under the lock" run inside its ``with self._cond``
+    def _sample(self, rows: list[Request], last: torch.Tensor) -> list[tuple[int, float]]:
+        """The batch's next tokens. Should the shared step fail, each row is drawn on its own (the
+        same draw: every row has its own generator) and only the rows that fail again are aborted,
+        so one bad request cannot abort the requests that share its batch."""
+        try:
+            return sampler.sample(rows, last, self.eos_token_ids)
+        except Exception:
+            log.exception("sampling the batch failed; sampling its %d rows one by one", len(rows))
+        picks = []
+        for i, r in enumerate(rows):
+            try:
+                picks += sampler.sample([r], last[i:i + 1], self.eos_token_ids)
+            except Exception as err:
+                with self._cond:
+                    self._finish(r, protocol.FinishReason(type="abort", status_code=500,
+                                                          message=f"sampling failed: {type(err).__name__}: {err}"))
+                picks.append((0, 0.0))  # never recorded: the row is done
+        return picks
+
     def _record(self, rows: list[Request], picks: list[tuple[int, float]]) -> None:
         """Under the lock: append each live row's sampled token and log-prob, finish those done."""
         for r, (token, logprob) in zip(rows, picks):

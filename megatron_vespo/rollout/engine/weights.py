@@ -7,11 +7,34 @@ the begin/end weight-update session; and ``hf_weight`` to read a weight back by 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import re
 
 import torch
 
+from megatron_vespo.rollout.protocol import brief
+
 DEFAULT_GROUP_NAME = "weight_update_group"
+MAX_GROUP_WORLD_SIZE = 1 << 16  # ranks of a weight-update group: the trainer and every server GPU
+
+
+def _group_args_problem(master_address, master_port, rank_offset, world_size, group_name, backend) -> str | None:
+    """What is wrong with init_weights_update_group's arguments (SGLang's types), or None. The
+    world size is bounded too: the group allocates per rank."""
+    for key, value in (("master_address", master_address), ("group_name", group_name), ("backend", backend)):
+        if not isinstance(value, str) or not value:
+            return f"{key} must be a non-empty string, got {brief(value)}"
+    for key, value in (("master_port", master_port), ("rank_offset", rank_offset), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{key} must be an integer, got {brief(value)}"
+    if not 1 <= master_port <= 65535:
+        return f"master_port must be in [1, 65535], got {brief(master_port)}"
+    if not 2 <= world_size <= MAX_GROUP_WORLD_SIZE:
+        return f"world_size must be in [2, {MAX_GROUP_WORLD_SIZE}] (the trainer and the servers), got {brief(world_size)}"
+    if not 1 <= rank_offset < world_size:
+        return f"rank_offset must be in [1, world_size={world_size}) (rank 0 is the trainer), got {brief(rank_offset)}"
+    return None
 
 
 def hf_targets(model, model_type: str | None) -> dict:
@@ -55,7 +78,8 @@ class EngineWeights:
     """The weight half of ``LocalEngine``. A mixin: it writes the engine's model under its
     ``_model_lock`` once no batch runs (``_exclusive_weights``, with ``_cond``,
     ``_updates_pending`` and the scheduler's state) and keeps the session flag ``_session_open``
-    (under ``_lock``), the groups ``_groups``, ``_receive_lock`` and the ``_targets`` cache, all set
+    (under ``_lock``), the groups ``_groups`` and the names being joined ``_joining`` (under
+    ``_lock``), ``_receive_lock`` and the ``_targets`` cache, all set
     by ``LocalEngine.__init__``."""
 
     @contextlib.contextmanager
@@ -127,7 +151,16 @@ class EngineWeights:
     def update_from_disk(self, model_path: str, weight_version: str | None = None,
                          abort_all_requests: bool = False) -> dict:
         """SGLang's update_weights_from_disk: load the HF directory and copy its weights into the
-        served model (same architecture and shapes). Returns {success, message, num_paused_requests}."""
+        served model (same architecture and shapes). Returns {success, message, num_paused_requests}.
+        Only a local model directory is loaded: anything else (a hub id such as "gpt2") is refused
+        before any request is aborted or anything is read, never looked up on the hub."""
+        if not isinstance(model_path, str) or not os.path.isdir(model_path):
+            return {"success": False, "num_paused_requests": 0,
+                    "message": f"model_path {brief(model_path)} is not a local directory: the local engine loads "
+                               f"Hugging Face model directories only (config.json + safetensors)"}
+        if not os.path.isfile(os.path.join(model_path, "config.json")):
+            return {"success": False, "num_paused_requests": 0,
+                    "message": f"model_path {model_path!r} has no config.json: not a Hugging Face model directory"}
         if abort_all_requests:
             self.abort(abort_all=True, message="aborted by update_weights_from_disk")
         try:
@@ -176,30 +209,45 @@ class EngineWeights:
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = DEFAULT_GROUP_NAME, backend: str = "nccl",
-                                  timeout_s: float = 600.0) -> tuple[bool, str]:
+                                  timeout_s: float = 600.0, connect_timeout_s: float = 30.0) -> tuple[bool, str]:
         """Join a comm.StandaloneGroup as rank ``rank_offset`` (the trainer is rank 0). Blocks until
-        every rank has joined."""
+        every rank has joined, at most ``connect_timeout_s`` (connecting and the rendezvous);
+        ``timeout_s`` bounds each later broadcast. One join at a time: a second one while the first
+        waits is refused, so callers cannot pile up threads stuck in rendezvous."""
         from megatron_vespo.comm import StandaloneGroup
 
+        problem = _group_args_problem(master_address, master_port, rank_offset, world_size, group_name, backend)
+        if problem:
+            return False, problem
         if backend != "gloo":
             return False, (f"backend {backend!r} is not available: the local engine runs on CPU, "
                            f"use backend 'gloo'")
-        if group_name in self._groups:
-            return False, f"weight-update group {group_name!r} already exists; destroy it first"
-        if not isinstance(world_size, int) or not isinstance(rank_offset, int) or not 1 <= rank_offset < world_size:
-            return False, (f"rank_offset must be in [1, world_size={world_size}) (rank 0 is the trainer), "
-                           f"got {rank_offset}")
+        with self._lock:
+            if group_name in self._groups:
+                return False, f"weight-update group {group_name!r} already exists; destroy it first"
+            if self._joining:
+                return False, (f"weight-update group {sorted(self._joining)[0]!r} is still being joined; "
+                               f"one init_weights_update_group at a time")
+            self._joining.add(group_name)
         try:
-            group = StandaloneGroup(master_address, int(master_port), rank_offset, world_size, backend="gloo",
-                                    group_name=group_name, timeout_s=timeout_s)
+            group = StandaloneGroup(master_address, master_port, rank_offset, world_size, backend="gloo",
+                                    group_name=group_name, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
         except Exception as err:
             return False, (f"joining {group_name!r} at {master_address}:{master_port} failed: "
                            f"{type(err).__name__}: {err}")
-        self._groups[group_name] = group
+        finally:
+            with self._lock:
+                self._joining.discard(group_name)
+        with self._lock:
+            self._groups[group_name] = group
         return True, "Succeeded to initialize custom process group."
 
     def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP_NAME) -> tuple[bool, str]:
-        if self._groups.pop(group_name, None) is None:
+        if not isinstance(group_name, str):
+            return False, f"group_name must be a string, got {brief(group_name)}"
+        with self._lock:
+            group = self._groups.pop(group_name, None)
+        if group is None:
             return False, f"no weight-update group named {group_name!r}"
         return True, "Succeeded to destroy custom process group."
 
@@ -213,7 +261,7 @@ class EngineWeights:
             if not self._session_open:
                 return False, ("update_weights_from_distributed must run between begin_weight_update() "
                                "and end_weight_update()")
-        group = self._groups.get(group_name)
+        group = self._groups.get(group_name) if isinstance(group_name, str) else None
         if group is None:
             return False, f"no weight-update group named {group_name!r}: call init_weights_update_group first"
         if load_format not in (None, "auto", "default"):
@@ -221,14 +269,24 @@ class EngineWeights:
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
                 and len(names) == len(dtypes) == len(shapes)):
             return False, "names, dtypes and shapes must be lists of the same length"
-        specs = []
+        specs, elements = [], 0
         for name, dtype, shape in zip(names, dtypes, shapes):
-            torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
+            if not isinstance(name, str):
+                return False, f"names must be strings, got {brief(name)}"
+            torch_dtype = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
             if not isinstance(torch_dtype, torch.dtype):
-                return False, f"tensor {name!r}: unknown dtype {dtype!r}"
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                return False, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}"
+                return False, f"tensor {name!r}: unknown dtype {brief(dtype)}"
+            if not isinstance(shape, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                return False, f"tensor {name!r}: shape must be a list of non-negative integers, got {brief(shape)}"
+            elements += math.prod(shape)
             specs.append((name, torch_dtype, shape))
+        # every tensor is allocated before any is checked against the model (all are received, see
+        # below): a bucket is part of the model, so more elements than the model has is no bucket
+        limit = sum(p.numel() for p in self.model.parameters())
+        if elements > limit:
+            return False, (f"the shapes ask for {elements} elements, more than the served model's {limit}: "
+                           f"refused before receiving anything")
         if abort_all_requests:
             self.abort(abort_all=True, message="aborted by update_weights_from_distributed")
         with self._receive_lock:
