@@ -11,6 +11,8 @@ way; packed (THD) batches split every packed sequence that way (as TransformerEn
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -314,3 +316,170 @@ def partition(n_samples: int, dp_size: int, num_microbatches: int) -> list[list[
          for m in range(num_microbatches)]
         for d in range(dp_size)
     ]
+
+
+# -- micro-batches packed to a token budget -------------------------------------------------------
+#
+# Every micro-batch of a step is padded to one width (pipeline stages exchange fixed shapes), so the
+# cost of a step is (micro-batches per rank) x (widest micro-batch): the plan uses the fewest
+# micro-batches that fit the budget and balances their token counts globally, which keeps the widest
+# one, and with it the padding, small; the ranks' totals then follow from the micro-batches'.
+
+
+def packed_width(lengths: list[int], ids: list[int], seq_multiple: int = 1, total_multiple: int = 1) -> int:
+    """The sequence dimension ``build_micro_batch(..., "packed", seq_multiple, total_multiple)`` gives
+    the sequences ``ids`` (indices into ``lengths``), before CP slicing."""
+    padded = sum(_round_up(int(lengths[i]), seq_multiple) for i in ids)
+    return _round_up(padded, max(seq_multiple, total_multiple))
+
+
+def _fill_bins(items: list[tuple[int, int]], k: int, cap: int) -> list[list[tuple[int, int]]] | None:
+    """``items`` (size, index), largest first, into exactly ``k`` non-empty bins of at most ``cap``;
+    None when this heuristic finds no such packing. Needs len(items) >= k."""
+    # Largest-first into the emptiest bin: balanced loads (max - min <= the largest item). The first
+    # k items open the k bins (an empty bin is the emptiest), so none stays empty.
+    bins: list[list[tuple[int, int]]] = [[] for _ in range(k)]
+    heap = [(0, b) for b in range(k)]
+    for size, index in items:
+        load, b = heapq.heappop(heap)
+        if load + size > cap:  # the emptiest bin cannot take it: no bin can
+            break
+        bins[b].append((size, index))
+        heapq.heappush(heap, (load + size, b))
+    else:
+        return bins
+    # A tight budget: best-fit-decreasing (the fullest bin that still takes the item) packs tighter;
+    # (load, bin) kept sorted so each choice is a bisection.
+    bins = [[] for _ in range(k)]
+    loads = [0] * k
+    by_load = [(0, b) for b in range(k)]
+    for size, index in items:
+        at = bisect.bisect_right(by_load, (cap - size, k)) - 1
+        if at < 0:
+            return None
+        load, b = by_load.pop(at)
+        bins[b].append((size, index))
+        loads[b] = load + size
+        bisect.insort(by_load, (loads[b], b))
+    # The empty bins then take one item each, the smallest of the fullest bin holding two or more
+    # (n >= k leaves one to take).
+    donors = [(-loads[b], b) for b in range(k) if len(bins[b]) > 1]
+    heapq.heapify(donors)
+    for e in (b for b in range(k) if not bins[b]):
+        _, donor = heapq.heappop(donors)
+        item = min(bins[donor])
+        bins[donor].remove(item)
+        bins[e].append(item)
+        by_load.remove((loads[donor], donor))
+        by_load.remove((loads[e], e))
+        loads[donor] -= item[0]
+        loads[e] += item[0]
+        bisect.insort(by_load, (loads[donor], donor))
+        bisect.insort(by_load, (loads[e], e))
+        if len(bins[donor]) > 1:
+            heapq.heappush(donors, (-loads[donor], donor))
+    # Then move items from the fullest bin to the emptiest while that narrows their gap; each move
+    # lowers the sum of squared loads, so this ends (bounded anyway: each round costs O(k)).
+    for _ in range(2 * len(items)):
+        (low, lo), (high, hi) = by_load[0], by_load[-1]
+        movable = [it for it in bins[hi] if it[0] < high - low and low + it[0] <= cap]
+        if len(bins[hi]) < 2 or not movable:
+            break
+        item = min(movable, key=lambda it: (abs(2 * it[0] - (high - low)), it[1]))
+        bins[hi].remove(item)
+        bins[lo].append(item)
+        del by_load[-1], by_load[0]
+        loads[hi] -= item[0]
+        loads[lo] += item[0]
+        bisect.insort(by_load, (loads[hi], hi))
+        bisect.insort(by_load, (loads[lo], lo))
+    return bins
+
+
+def token_budget_plan(
+    lengths: list[int],
+    dp_size: int,
+    max_tokens: int,
+    seq_multiple: int = 1,
+    total_multiple: int = 1,
+    microbatch_multiple: int = 1,
+    ids: list | None = None,
+) -> list[list[list[int]]]:
+    """Indices into ``lengths`` per DP rank per micro-batch, packed to a token budget.
+
+    A sequence counts at its CP-padded length (a multiple of ``seq_multiple``) and a micro-batch at
+    ``packed_width`` (also rounded to ``total_multiple``), which never exceeds ``max_tokens`` (the
+    whole micro-batch, before CP slicing). Every rank gets the same number of micro-batches, a
+    multiple of ``microbatch_multiple`` (the interleaved pipeline schedule needs a multiple of pp),
+    the fewest this packing finds; none is empty (``build_micro_batch`` refuses one, and under
+    legacy_microbatch_token_mean it would be 0/0 yet count in the normaliser). Token counts are
+    balanced over all micro-batches, then over ranks: a rank's total differs from another's by at
+    most the spread of the micro-batch loads (padded tokens), which is at most the longest sequence
+    unless the budget is so tight that the balanced packing fails. Deterministic.
+
+    Raises ValueError naming a sequence longer than the budget (``ids[i]`` when given, else index
+    i), and when there are too few sequences to give every rank as many micro-batches as the
+    budget needs."""
+    for name, value in (("dp_size", dp_size), ("max_tokens", max_tokens), ("seq_multiple", seq_multiple),
+                        ("total_multiple", total_multiple), ("microbatch_multiple", microbatch_multiple)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lengths:
+        raise ValueError("no sequences to pack into micro-batches")
+    if ids is not None and len(ids) != len(lengths):
+        raise ValueError(f"{len(ids)} ids for {len(lengths)} lengths")
+    label = (lambda i: f"sample {ids[i]}") if ids is not None else (lambda i: f"sequence {i}")  # noqa: E731
+    unit = max(seq_multiple, total_multiple)
+    cap = max_tokens // unit * unit  # the largest sum of padded lengths whose packed width fits
+    sizes = []
+    for i, n in enumerate(lengths):
+        if int(n) != n or n < 1:
+            raise ValueError(f"{label(i)} has length {n!r}; lengths must be positive integers")
+        sizes.append(_round_up(int(n), seq_multiple))
+        if packed_width(lengths, [i], seq_multiple, total_multiple) > max_tokens:
+            raise ValueError(
+                f"{label(i)} has {n} tokens ({packed_width(lengths, [i], seq_multiple, total_multiple)} once "
+                f"padded to multiples of {seq_multiple} and {unit}), more than the micro-batch token budget "
+                f"of {max_tokens}: raise the budget (algorithm.max_tokens_per_micro_batch) or shorten the "
+                f"sequences")
+    n = len(sizes)
+    step = microbatch_multiple
+    if n < dp_size * step:  # no budget helps: a micro-batch holds at least one sequence
+        raise ValueError(
+            f"{n} sequences cannot give each of {dp_size} data-parallel rank(s) {step} micro-batch(es) of at "
+            f"least one sequence: a mini-batch needs at least {dp_size * step} sequences")
+    # a bin per sequence longer than half the budget, and room for all the tokens
+    need = max(-(-sum(sizes) // cap), sum(2 * s > cap for s in sizes), 1)
+    lowest = _round_up(-(-need // dp_size), step)
+    highest = n // dp_size // step * step  # every micro-batch holds at least one sequence
+    if lowest > highest:
+        raise ValueError(
+            f"{n} sequences ({sum(sizes)} tokens padded) cannot fill {lowest} micro-batch(es) of at most "
+            f"{max_tokens} tokens on each of {dp_size} data-parallel rank(s) (a micro-batch holds at least one "
+            f"sequence; the count per rank is a multiple of {step}): give a mini-batch at least "
+            f"{lowest * dp_size} sequences or raise the budget")
+    items = sorted(((s, i) for i, s in enumerate(sizes)), key=lambda it: (-it[0], it[1]))
+    for per_rank in range(lowest, highest + 1, step):
+        bins = _fill_bins(items, per_rank * dp_size, cap)
+        if bins is not None:
+            break
+    else:
+        raise ValueError(
+            f"{n} sequences ({sum(sizes)} tokens padded) found no packing into the same number of micro-batches "
+            f"(at most {highest} each) of at most {max_tokens} tokens on {dp_size} data-parallel rank(s): "
+            f"raise the budget or give a mini-batch more sequences")
+    # Ranks take the micro-batches widest first, one per rank a round, the widest of a round going to
+    # the rank with the fewest tokens so far: the ranks' totals then differ by at most the spread of
+    # the micro-batch loads (by induction over the rounds).
+    loads = [sum(s for s, _ in b) for b in bins]
+    order = sorted(range(len(bins)), key=lambda b: (-loads[b], min(i for _, i in bins[b])))
+    plan: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    totals = [0] * dp_size
+    for start in range(0, len(order), dp_size):
+        ranks = sorted(range(dp_size), key=lambda r: (totals[r], r))
+        for r, b in zip(ranks, order[start:start + dp_size]):
+            plan[r].append(sorted(i for _, i in bins[b]))
+            totals[r] += loads[b]
+    for rank_plan in plan:
+        rank_plan.sort(key=lambda mb: mb[0])
+    return plan

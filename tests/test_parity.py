@@ -40,6 +40,13 @@ def test_basic_layouts_vespo_and_baselines(tmp_path, layouts):
         assert calls["cp_sequence_stats_all_reduce"] == (1 if "cp2" in row["layout"] else 0)
 
 
+def test_distributed_optimizer_reduce_scatters_the_same_gradients(tmp_path):
+    """Megatron's distributed optimizer: each rank holds its slices of every gradient bucket
+    reduced; those slices equal the reference (dense and expert buckets), in both formats."""
+    proc, report = run_parity(tmp_path, "--layouts", "dp2,ep2", "--losses", "vespo", "--distributed-optimizer")
+    assert_all_ok(proc, report, expected_rows=2 * 2)
+
+
 def test_composite_layouts(tmp_path):
     proc, report = run_parity(tmp_path, "--layouts", "tp2ep2,pp2cp2,tp2pp2ep2", "--losses", "vespo,sapo")
     assert_all_ok(proc, report, expected_rows=3 * 2 * 2)

@@ -351,6 +351,44 @@ def test_data_parallel_training_matches_one_process(model_dir, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "megatron_vespo", *args]
+    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_checkpoints_reshard_across_data_parallel_sizes(model_dir, tmp_path):
+    """Saved at dp2 with the distributed optimizer (its default there), resumed at dp1 and dp4: the
+    steps after the checkpoint equal those of the uninterrupted dp2 run; resuming with the other
+    optimizer form is refused by name."""
+    steps = ["run.steps=4", "run.save_every=2", "run.plot=false", "algorithm.micro_batch_size=2"]
+    whole = tmp_path / "dp2"
+    proc = _torchrun(2, _train_args(model_dir, whole, *steps))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((whole / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["distributed_optimizer"] is True
+    reference = _metrics(whole)
+    for nproc, extra in ((1, ["optimizer.distributed=true"]), (4, [])):
+        run_dir = tmp_path / f"dp{nproc}"
+        shutil.copytree(whole / "checkpoints" / "step-2", run_dir / "checkpoints" / "step-2")
+        shutil.copy(whole / "metrics.jsonl", run_dir / "metrics.jsonl")
+        args = _train_args(model_dir, run_dir, *steps, "run.resume=true", *extra)
+        proc = run_cli(*args, timeout=600) if nproc == 1 else _torchrun(nproc, args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stderr
+        for a, b in zip(reference[2:], _metrics(run_dir)[2:]):
+            assert a["step"] == b["step"] and a["reward/mean"] == b["reward/mean"]
+            assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-4, abs=1e-6), (nproc, a["step"])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (nproc, a["step"])
+        assert [r["step"] for r in _metrics(run_dir)] == [1, 2, 3, 4]
+    plain = tmp_path / "plain"
+    shutil.copytree(whole / "checkpoints" / "step-2", plain / "checkpoints" / "step-2")
+    proc = run_cli(*_train_args(model_dir, plain, *steps, "run.resume=true"), timeout=600)
+    assert proc.returncode != 0 and "written with the distributed optimizer" in proc.stderr
+    assert "optimizer.distributed: true" in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["r2", "r3"])
 def test_routing_replay_runs_in_the_loop(model_dir, tmp_path, mode):

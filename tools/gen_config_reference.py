@@ -103,6 +103,15 @@ again once the data-parallel size is known); each violation is a `ValueError` na
   samples; `algorithm.staleness` (N) must divide it, giving mini-batches of rollout batch / N
   samples (one optimizer step each). The mini-batch must divide over the data-parallel ranks, and
   `algorithm.micro_batch_size`, when not 0, must divide each rank's share of a mini-batch.
+* **Token budget.** `algorithm.max_tokens_per_micro_batch`, when not 0, forms the micro-batches, so
+  `algorithm.micro_batch_size` must be 0; it must hold a response of `rollout.max_new_tokens`
+  after a one-token prompt, padded to a multiple of `model.tp` x 2 `model.cp` (of `model.tp` when
+  `model.cp` is 1).
+  A longer sequence in a batch is an error naming the sample, at the step.
+* **Distributed optimizer.** `optimizer.distributed` null means on when data parallelism > 1;
+  `optimizer.overlap_grad_reduce`, `optimizer.overlap_param_gather` and `optimizer.cpu_offload`
+  need it on (false with any of them is an error; null at data parallel size 1 is an error when
+  the trainer starts).
 * **Checkpoints.** `run.save_every`, when not 0, must be a multiple of `algorithm.staleness`:
   checkpoints are taken between rollout batches.
 * **Not implemented.** `algorithm.kl_coef` must be 0 (there is no KL penalty to a reference policy).

@@ -25,6 +25,14 @@ Patches:
 * ``sequence_parallel_torch_norm`` (transformer/torch_norm.py ``WrappedTorchNorm``): the local norm
   refuses sequence parallelism, which MoE with TP > 1 requires. Build the torch norm and tag its
   parameters ``sequence_parallel`` so ``finalize_model_grads`` all-reduces their grads over TP.
+* ``torch_adam_step_on_load`` (optimizer/distrib_optimizer.py
+  ``_set_main_param_and_optimizer_states``): without Apex or TransformerEngine the distributed
+  optimizer runs torch's Adam, whose per-parameter state holds a ``step`` tensor that the
+  checkpoint's per-parameter state lacks (Megatron restores it from the parameter groups just
+  before, as ONE tensor shared by every parameter, which torch's Adam then increments in place
+  once per parameter at each step). Loading a checkpoint failed with KeyError 'step'; once past
+  that, the bias correction after a resume would be wrong. Give each parameter its own step and
+  copy only the states the checkpoint has.
 """
 
 from __future__ import annotations
@@ -220,6 +228,24 @@ def _patch_sequence_parallel_torch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = __new__
 
 
+def _patch_torch_adam_step_on_load() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    original = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if isinstance(state.get("step"), torch.Tensor) and "step" not in tensors:
+            state["step"] = state["step"].clone()  # its own counter, restored from the parameter groups
+            tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
 _PATCHES = {
     "current_device": _patch_current_device,
     "streams_and_events": _patch_streams_and_events,
@@ -228,6 +254,7 @@ _PATCHES = {
     "numpy_split_sizes": _patch_numpy_split_sizes,
     "uneven_all_gather": _patch_uneven_all_gather,
     "sequence_parallel_torch_norm": _patch_sequence_parallel_torch_norm,
+    "torch_adam_step_on_load": _patch_torch_adam_step_on_load,
 }
 
 
@@ -236,8 +263,9 @@ def cpu_patches_needed() -> bool:
 
 
 # Needed wherever the local spec runs without TransformerEngine, GPUs included: Megatron's router
-# names te_general_gemm whether or not TE imported, and its local norm refuses sequence parallelism.
-LOCAL_SPEC_PATCHES = ("te_general_gemm", "sequence_parallel_torch_norm")
+# names te_general_gemm whether or not TE imported, its local norm refuses sequence parallelism,
+# and its distributed optimizer falls back to torch's Adam.
+LOCAL_SPEC_PATCHES = ("te_general_gemm", "sequence_parallel_torch_norm", "torch_adam_step_on_load")
 
 
 def apply_local_spec_patches() -> list[str]:

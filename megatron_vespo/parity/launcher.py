@@ -33,6 +33,8 @@ def _worker_arguments(layout: Layout, args, json_out: str) -> list[str]:
         cmd.append("--bypass")
     if args.negative_control:
         cmd.append("--negative-control")
+    if args.distributed_optimizer:
+        cmd.append("--distributed-optimizer")
     return cmd
 
 
@@ -187,5 +189,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"],
                         help="MoE token dispatcher (allgather needs fixed sequence lengths: no PP)")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="Megatron's distributed optimizer: gradients reduce-scattered, each rank's slices compared")
     parser.add_argument("--negative-control", action="store_true",
                         help="swap two experts in Megatron's weights: the check must then FAIL")

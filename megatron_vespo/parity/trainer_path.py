@@ -36,6 +36,7 @@ import torch
 
 from megatron_vespo import comm
 from megatron_vespo.batch import Sample
+from megatron_vespo.mcore.grad_shards import owned_gradient_slices
 from megatron_vespo.mcore.model import MoEModelConfig
 from megatron_vespo.parity.reference import ReferenceMoE, init_hf_state, reference_loss
 from megatron_vespo.parity.worker import relative_difference
@@ -243,19 +244,25 @@ def observe(trainer, m, initial, record: list) -> None:
     policy = trainer.policy
     start = {name: local_tensor(name, initial, ctx).double() for name, _, ctx in _local_items(trainer, m)}
     real_step, real_train_step = policy.optimizer.step, policy.train_step
+    owned = owned_gradient_slices(policy.models)
     current = {}
 
     def step():
         # compared on the host in fp64, where the reference lives (the model may be on a GPU)
-        current["grads"] = {name: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
-                            .detach().to("cpu", torch.float64, copy=True) for name, p, _ in _local_items(trainer, m)}
-        if m.padding_idx is not None:
-            embedding = current["grads"].get("embedding.word_embeddings.weight")
-            if embedding is not None:
-                vocab_start = policy.chunks[0].embedding.word_embeddings.vocab_start_index
-                row = m.padding_idx - vocab_start
-                if 0 <= row < embedding.shape[0]:
-                    current["pad_row_grad"] = float(embedding[row].abs().max())
+        # with the distributed optimizer a rank holds the reduced gradient of its slices only
+        current["grads"] = {}
+        for name, p, _ in _local_items(trainer, m):
+            grad = (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).detach()
+            first, last = (0, grad.numel()) if owned is None else owned.get(p, (0, grad.numel()))
+            current["grads"][name] = (grad.reshape(-1)[first:last].to("cpu", torch.float64, copy=True), (first, last))
+        key = "embedding.word_embeddings.weight"
+        if m.padding_idx is not None and key in current["grads"]:  # the pad row's gradient (the part held here)
+            flat, (first, last) = current["grads"][key]
+            embedding = policy.chunks[0].embedding.word_embeddings
+            hidden, row = embedding.weight.shape[1], m.padding_idx - embedding.vocab_start_index
+            low, high = max(row * hidden, first), min((row + 1) * hidden, last)
+            if 0 <= row < embedding.weight.shape[0] and low < high:
+                current["pad_row_grad"] = float(flat[low - first:high - first].abs().max())
         out = real_step()
         current["updates"] = {name: p.detach().to("cpu", torch.float64) - start[name]
                               for name, p, _ in _local_items(trainer, m)}
@@ -275,7 +282,8 @@ def compare_step(got: dict, want: dict, initial: dict, trainer, m) -> dict:
 
     worst = {"grad": (0.0, ""), "update": (0.0, "")}
     for name, _, ctx in _local_items(trainer, m):
-        for key, mine, theirs in (("grad", got["grads"][name], local_tensor(name, want["grads"], ctx)),
+        grad, (first, last) = got["grads"][name]
+        for key, mine, theirs in (("grad", grad, local_tensor(name, want["grads"], ctx).reshape(-1)[first:last]),
                                   ("update", got["updates"][name],
                                    local_tensor(name, want["params"], ctx) - local_tensor(name, initial, ctx))):
             diff = relative_difference(mine, theirs)

@@ -21,6 +21,7 @@ import torch
 from megatron_vespo import comm
 from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for_cp, validate_samples
 from megatron_vespo.losses import LossConfig
+from megatron_vespo.mcore.grad_shards import owned_gradient_slices
 from megatron_vespo.mcore.model import MoEModelConfig
 from megatron_vespo.parity.reference import ReferenceMoE, init_hf_state, reference_loss
 
@@ -103,7 +104,7 @@ def build_megatron(args, layout, m: MoEModelConfig):
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                      use_distributed_optimizer=False),
+                                      use_distributed_optimizer=getattr(args, "distributed_optimizer", False)),
         gpt,
     )
     config.no_sync_func = ddp.no_sync
@@ -111,14 +112,21 @@ def build_megatron(args, layout, m: MoEModelConfig):
     return gpt, ddp, ctx
 
 
-def worst_gradient(gpt, ref_grads, ctx) -> tuple[float, str]:
-    """Largest relative difference of this rank's reduced gradients from the reference's slices."""
+def worst_gradient(gpt, ref_grads, ctx, owned=None) -> tuple[float, str]:
+    """Largest relative difference of this rank's reduced gradients from the reference's slices
+    (``owned``, with the distributed optimizer: only the elements this rank holds reduced)."""
     from megatron_vespo.mcore.weights import local_tensor
 
     worst_name, worst = "", 0.0
     for name, param in gpt.named_parameters():
         grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
-        diff = relative_difference(grad, local_tensor(name, ref_grads, ctx))
+        expected = local_tensor(name, ref_grads, ctx)
+        if owned is not None:
+            first, last = owned[param]
+            if first == last:
+                continue
+            grad, expected = grad.reshape(-1)[first:last], expected.reshape(-1)[first:last]
+        diff = relative_difference(grad, expected)
         if diff > worst or not math.isfinite(diff):
             worst_name, worst = name, diff
     return worst, worst_name
@@ -181,7 +189,7 @@ def run(args) -> dict | None:
             if rank == 0 and loss_name not in references:  # the same for every batch format
                 references[loss_name] = reference_results(m, args.seed, samples, all_micro_batches, cfg)
             ref_loss, ref_grads = comm.broadcast_object(references.get(loss_name))
-            worst, worst_name = worst_gradient(gpt, ref_grads, ctx)
+            worst, worst_name = worst_gradient(gpt, ref_grads, ctx, owned_gradient_slices([ddp]))
             calls = hook_calls if ps.is_pipeline_last_stage() else None
             per_rank = comm.gather_objects((worst, worst_name, rank, calls))
             if rank == 0:
@@ -217,6 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--bypass", action="store_true")
     parser.add_argument("--negative-control", action="store_true")
+    parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"])
     parser.add_argument("--json-out", required=True)
     args = parser.parse_args(argv)

@@ -82,6 +82,10 @@ class AlgorithmSection:
     loss: LossConfig = field(default_factory=LossConfig)
     staleness: int = 1  # N: optimizer steps per rollout batch (rollout batch / mini-batch)
     micro_batch_size: int = 0  # sequences per micro-batch (0: the whole mini-batch per data rank)
+    # tokens per micro-batch before CP slicing (0: off, micro_batch_size decides); micro-batches are
+    # packed to it (THD), balanced over data ranks by tokens, as many on every rank. The paper's
+    # reference (verl's dynamic batching) counts ppo_max_token_len_per_gpu per GPU: that times model.cp
+    max_tokens_per_micro_batch: int = 0
     advantage: str = "grpo"  # grpo: (r - mean) / std in the group | grpo_mean: r - mean
     advantage_eps: float = 1e-6  # added to the group std in grpo advantages
     # grpo: the group's std. unbiased (n - 1, torch.std: the paper's reference) | population (n)
@@ -109,6 +113,12 @@ class OptimizerSection:
     adam_beta2: float = 0.999  # Adam beta2
     adam_eps: float = 1e-8  # Adam epsilon
     clip_grad: float = 1.0  # global gradient-norm clip
+    # Megatron's distributed optimizer: Adam's state and master weights sharded over data
+    # parallelism (null: on when dp > 1)
+    distributed: bool | None = None
+    overlap_grad_reduce: bool = False  # distributed optimizer: reduce-scatter gradients during the backward
+    overlap_param_gather: bool = False  # distributed optimizer: all-gather updated weights during the next forward
+    cpu_offload: bool = False  # distributed optimizer: state and step on the host (Megatron's HybridDeviceOptimizer)
 
 
 @dataclass
@@ -153,6 +163,7 @@ BOUNDS = {
     "rollout.weight_sync_master_port": "[0, 65535]",
     "algorithm.staleness": "[1, inf)",
     "algorithm.micro_batch_size": "[0, inf)",  # 0: the whole mini-batch
+    "algorithm.max_tokens_per_micro_batch": "[0, inf)",  # 0: off
     "algorithm.advantage_eps": "(0, inf)",  # grpo divides by std + eps; a group of equal rewards has std 0
     "algorithm.max_policy_lag": "[1, inf)",
     "optimizer.lr": "(0, inf)",  # 0 trains nothing
@@ -192,6 +203,11 @@ class TrainConfig:
         for part in key.split("."):
             value = getattr(value, part)
         return value
+
+    def distributed_optimizer(self, data_parallel_size: int) -> bool:
+        """Whether the run uses Megatron's distributed optimizer (null: when dp > 1)."""
+        chosen = self.optimizer.distributed
+        return data_parallel_size > 1 if chosen is None else chosen
 
     def validate(self, data_parallel_size: int = 1) -> "TrainConfig":
         r, a, m, d, o = self.rollout, self.algorithm, self.model, self.data, self.optimizer
@@ -233,6 +249,9 @@ class TrainConfig:
             needed = "synthetic" if d.task == "synthetic" else "math"
             raise ValueError(f"data.task = {d.task} needs data.reward = {needed} (got {d.reward!r}): synthetic "
                              "answers are token ids, file answers strings")
+        wanted = [k for k in ("overlap_grad_reduce", "overlap_param_gather", "cpu_offload") if getattr(o, k)]
+        if wanted and o.distributed is False:  # left null, the Policy checks it once dp is known
+            raise ValueError(f"optimizer.{wanted[0]} needs the distributed optimizer; optimizer.distributed is false")
         if o.min_lr > o.lr:
             raise ValueError(f"optimizer.min_lr = {o.min_lr} is above optimizer.lr = {o.lr}: the cosine decays "
                              "from lr down to min_lr")
@@ -246,6 +265,17 @@ class TrainConfig:
         if self.mini_batch_samples % data_parallel_size:
             raise ValueError(f"the mini-batch of {self.mini_batch_samples} samples does not divide over "
                              f"{data_parallel_size} data-parallel ranks")
+        if a.max_tokens_per_micro_batch and a.micro_batch_size:
+            raise ValueError(f"algorithm.max_tokens_per_micro_batch = {a.max_tokens_per_micro_batch} and "
+                             f"algorithm.micro_batch_size = {a.micro_batch_size}: the token budget forms the "
+                             "micro-batches; set micro_batch_size = 0")
+        if a.max_tokens_per_micro_batch:  # a full-length response must fit (prompts vary, responses hit the limit)
+            multiple = (2 * m.cp if m.cp > 1 else 1) * m.tp
+            shortest = -(-(r.max_new_tokens + 1) // multiple) * multiple  # after a one-token prompt, padded for CP/TP
+            if shortest > a.max_tokens_per_micro_batch:
+                raise ValueError(f"algorithm.max_tokens_per_micro_batch = {a.max_tokens_per_micro_batch} cannot hold a "
+                                 f"response of rollout.max_new_tokens = {r.max_new_tokens} tokens ({shortest} with a "
+                                 "one-token prompt, padded for model.cp and model.tp); raise the budget")
         per_rank = self.mini_batch_samples // data_parallel_size
         if a.micro_batch_size and per_rank % a.micro_batch_size:
             raise ValueError(f"algorithm.micro_batch_size = {a.micro_batch_size} does not divide the "
@@ -292,7 +322,8 @@ def _coerce(value, annotation, key: str):
     """Check/convert a YAML or override value to the field's type; errors name the key."""
     if isinstance(annotation, str):
         annotation = {"int": int, "float": float, "str": str, "bool": bool, "list": list,
-                      "float | None": typing.Optional[float]}.get(annotation, annotation)
+                      "float | None": typing.Optional[float],
+                      "bool | None": typing.Optional[bool]}.get(annotation, annotation)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from megatron_vespo import comm
-from megatron_vespo.batch import Sample, build_micro_batch, partition, slice_for_cp, validate_samples
+from megatron_vespo.batch import (
+    Sample, build_micro_batch, packed_width, partition, slice_for_cp, token_budget_plan, validate_samples,
+)
 from megatron_vespo.hook import make_forward_step, reduce_metrics
 from megatron_vespo.launcher import log
 from megatron_vespo.losses import LossConfig
+from megatron_vespo.mcore.grad_shards import owned_gradient_slices
 from megatron_vespo.mcore.parallel import Layout, initialize_model_parallel
 from megatron_vespo.train import checkpoints
 from megatron_vespo.train.checkpoints import COMPLETE_MARKER, MCORE_DIR
@@ -66,17 +69,28 @@ class Policy:
         self.chunks = chunks
         self.trainable = trainable
         self.models = chunks
+        o = cfg.optimizer
+        self.distributed_optimizer = trainable and cfg.distributed_optimizer(ps.get_data_parallel_world_size())
+        wanted = [k for k in ("overlap_grad_reduce", "overlap_param_gather", "cpu_offload") if getattr(o, k)]
+        if trainable and wanted and not self.distributed_optimizer:
+            raise ValueError(f"optimizer.{wanted[0]} needs the distributed optimizer, which is off at data parallel "
+                             f"size {ps.get_data_parallel_world_size()}: set optimizer.distributed: true")
         if trainable:
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                       use_distributed_optimizer=False)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=self.distributed_optimizer,
+                overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather)
             self.models = [DistributedDataParallel(self.config, ddp_config, chunk) for chunk in chunks]
-            self.config.no_sync_func = [d.no_sync for d in self.models] if len(self.models) > 1 else self.models[0].no_sync
+            self.config.no_sync_func = _per_chunk([d.no_sync for d in self.models])
+            if o.overlap_grad_reduce:  # the pipeline schedules start each chunk's reduce-scatter early
+                self.config.grad_sync_func = _per_chunk([d.start_grad_sync for d in self.models])
+            if o.overlap_param_gather:  # ... and each chunk's parameter all-gather before its forward
+                self.config.param_sync_func = _per_chunk([d.start_param_sync for d in self.models])
             self.config.finalize_model_grads_func = finalize_model_grads
-            o = cfg.optimizer
             self.optimizer = get_megatron_optimizer(OptimizerConfig(
                 optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
                 adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16,
-                params_dtype=dtype, use_distributed_optimizer=False), self.models)
+                params_dtype=dtype, use_distributed_optimizer=self.distributed_optimizer,
+                overlap_param_gather=o.overlap_param_gather, optimizer_cpu_offload=o.cpu_offload), self.models)
             self.scheduler = OptimizerParamScheduler(
                 self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
                 lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.run.steps, o.warmup_steps + 1),
@@ -95,15 +109,26 @@ class Policy:
     # -- batches --------------------------------------------------------------------------------
 
     def _micro_batches(self, samples: list[Sample], ids: list[int], num_microbatches: int):
-        """This rank's CP-local packed micro-batches for the samples ``ids`` (a mini-batch)."""
+        """This rank's CP-local packed micro-batches for the samples ``ids`` (a mini-batch):
+        ``num_microbatches`` contiguous blocks per data rank, or, with
+        algorithm.max_tokens_per_micro_batch, packed to that budget (``batch.token_budget_plan``)."""
         cp, tp = self.layout.cp, self.layout.tp
         seq_multiple = 2 * cp if cp > 1 else 1
         total_multiple = seq_multiple * tp
-        plan = partition(len(ids), self.dp_size, num_microbatches)[self.dp_rank]
-        groups = [[ids[i] for i in block] for block in plan]
-        # pipeline stages exchange fixed-shape activations: one length for all micro-batches
-        lengths = [sum(-(-samples[i].tokens.numel() // seq_multiple) * seq_multiple for i in g) for g in groups]
-        pad_to = -(-max(lengths) // total_multiple) * total_multiple
+        lengths = [int(s.tokens.numel()) for s in samples]
+        budget = self.cfg.algorithm.max_tokens_per_micro_batch
+        if budget:
+            # the interleaved schedule (vpp) runs the micro-batches in groups of pp
+            plan = token_budget_plan([lengths[i] for i in ids], self.dp_size, budget, seq_multiple,
+                                     total_multiple, self.layout.pp if self.layout.vpp > 1 else 1, ids=ids)
+        else:
+            plan = partition(len(ids), self.dp_size, num_microbatches)
+        every = [[[ids[i] for i in block] for block in rank] for rank in plan]
+        groups = every[self.dp_rank]
+        # pipeline stages exchange fixed-shape activations: one length for all micro-batches; with the
+        # budget, the widest on any rank (every rank knows the plan), which stays within the budget
+        pad_to = max(packed_width(lengths, g, seq_multiple, total_multiple)
+                     for rank in (every if budget else [groups]) for g in rank)
         out = []
         for group in groups:
             mb = build_micro_batch([samples[i] for i in group], "packed", seq_multiple, total_multiple, group,
@@ -223,7 +248,8 @@ class Policy:
         self.optimizer.zero_grad()
         with self._replay_pass(mode, routes, forward_only=False) as step:
             out = self._run(step(make_forward_step(self.loss_cfg)), micro_batches, forward_only=False)
-        group_norms = gradient_norms(self.chunks)  # before the step: the clip scales the gradients
+        # before the step: the clip scales the gradients
+        group_norms = gradient_norms(self.chunks, owned_gradient_slices(self.models))
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = reduce_metrics(out)
@@ -250,8 +276,18 @@ class Policy:
         # the optimizer's sharded state refers to the model's sharded tensors (any nesting: virtual
         # pipeline chunks share local key names, so they stay apart); loading: Megatron first
         # creates the Adam moments, so the checkpoint has tensors to fill
+        # the distributed optimizer's state in its canonical, per-parameter form: a checkpoint
+        # reshards to any data-parallel size (Megatron's default form cannot be saved on 0.19)
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"} if self.distributed_optimizer else None
+        if load_from is not None and self.distributed_optimizer:
+            # a fresh distributed optimizer has no Adam state to describe yet: Megatron's own loader
+            # creates it with one zero-gradient step, which the loaded state then replaces
+            for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                if not inner.optimizer.state:
+                    inner._init_optimizer_states_with_dummy_values()
         return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=load_from is not None)}
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=load_from is not None,
+                                                               metadata=metadata)}
 
     def save(self, directory: str, trainer_state: dict) -> None:
         """Model, optimizer, scheduler, every rank's RNG states and the trainer's own state."""
@@ -265,7 +301,8 @@ class Policy:
         checkpoints.write_rng(checkpoints.rng_file(directory, rank), tensor_parallel.get_cuda_rng_tracker().get_states())
         if rank == 0:
             checkpoints.write_scheduler(directory, self.scheduler.state_dict())
-            checkpoints.write_trainer_state(directory, trainer_state)
+            checkpoints.write_trainer_state(directory, {**trainer_state,
+                                                        "distributed_optimizer": self.distributed_optimizer})
         comm.barrier()
         if rank == 0:  # the marker makes the checkpoint visible only once complete
             with open(os.path.join(directory, COMPLETE_MARKER), "w") as f:
@@ -300,6 +337,13 @@ class Policy:
             self.optimizer.load_state_dict(loaded["optimizer"])
 
         state, scheduler, rng = _on_every_rank(side_files, directory)
+        saved_distributed = bool(state.get("distributed_optimizer", False))  # earlier checkpoints: plain Adam
+        if saved_distributed != self.distributed_optimizer:
+            raise ValueError(
+                f"{directory} was written {'with' if saved_distributed else 'without'} the distributed optimizer and "
+                f"this run has it {'on' if self.distributed_optimizer else 'off'} (data parallel size {self.dp_size}); "
+                f"their optimizer states have different forms: resume with optimizer.distributed: "
+                f"{'true' if saved_distributed else 'false'}")
         _on_every_rank(model_and_optimizer, directory)
         for message in notes:
             log(message)
@@ -310,6 +354,11 @@ class Policy:
             torch.set_rng_state(rng["torch"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["cuda_tracker"])
         return state
+
+
+def _per_chunk(functions: list):
+    """Megatron takes one function for a single model chunk, a list with virtual pipelining."""
+    return functions if len(functions) > 1 else functions[0]
 
 
 def _on_every_rank(read, directory: str):
