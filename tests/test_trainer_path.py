@@ -32,8 +32,20 @@ def run_check(layout: str, tmp_path, *extra: str) -> list[dict]:
 
 @pytest.mark.parametrize("layout", ["single", "dp2", "tp2", "pp2", "ep2", "cp2"])
 def test_trainer_path_matches_the_fp64_reference(layout, tmp_path):
-    rows = run_check(layout, tmp_path)
-    for mode in MODES:
+    """dp2 and ep2 run Megatron's distributed optimizer (the default at dp > 1)."""
+    assert_matches(layout, run_check(layout, tmp_path), MODES)
+
+
+def test_trainer_path_with_overlapped_grad_reduce_and_param_gather(tmp_path):
+    """The distributed optimizer's overlap options: gradients reduce-scattered during the backward,
+    the updated weights gathered in the next forward (or before a weight sync or a checkpoint)."""
+    rows = run_check("dp2", tmp_path, "--modes", "none", "--override", "optimizer.overlap_grad_reduce=true",
+                     "--override", "optimizer.overlap_param_gather=true")
+    assert_matches("dp2 overlapped", rows, ("none",))
+
+
+def assert_matches(layout, rows, modes):
+    for mode in modes:
         steps = [r for r in rows if r["mode"] == mode and r["event"] == "optimizer_step"]
         fresh = [r for r in steps if r["phase"] == "fresh"]
         resumed = [r for r in steps if r["phase"] == "resumed"]

@@ -189,7 +189,8 @@ class ReferenceTrainer:
 # -- the trainer under test ------------------------------------------------------------------------
 
 
-def train_config(work: str, hf_dir: str, mode: str, layout, negative_control: bool = False):
+def train_config(work: str, hf_dir: str, mode: str, layout, negative_control: bool = False,
+                 extra: tuple[str, ...] = ()):
     """The trainer's config for this check; ``negative_control`` makes the trainer use the
     population std for advantages (a factor sqrt(n / (n - 1)) off): the check must fail."""
     from megatron_vespo.train.config import load_config
@@ -208,7 +209,7 @@ def train_config(work: str, hf_dir: str, mode: str, layout, negative_control: bo
         f"run.run_dir={os.path.join(work, 'runs', mode)}", f"run.steps={ROLLOUT_BATCHES * STALENESS}",
         f"run.seed={SEED}", f"run.save_every={STALENESS}", "run.tensorboard=false", "run.plot=false",
         "optimizer.min_lr=0.0", "optimizer.warmup_steps=0",
-    ] + [f"optimizer.{k}={v}" for k, v in OPTIMIZER.items()]
+    ] + [f"optimizer.{k}={v}" for k, v in OPTIMIZER.items()] + list(extra)
     return load_config(None, overrides)
 
 
@@ -264,6 +265,7 @@ def observe(trainer, m, initial, record: list) -> None:
             if 0 <= row < embedding.weight.shape[0] and low < high:
                 current["pad_row_grad"] = float(flat[low - first:high - first].abs().max())
         out = real_step()
+        policy.synchronize_parameters()  # overlap_param_gather: the gather the next forward would do
         current["updates"] = {name: p.detach().to("cpu", torch.float64) - start[name]
                               for name, p, _ in _local_items(trainer, m)}
         return out
@@ -317,7 +319,7 @@ def run_mode(args, layout, m, hf_dir, initial, batches, reference, mode) -> list
     """The whole sequence for one replay mode; returns one row per compared event (rank 0)."""
     rank = torch.distributed.get_rank()
     rows = []
-    cfg = train_config(args.work, hf_dir, mode, layout, args.negative_control)
+    cfg = train_config(args.work, hf_dir, mode, layout, args.negative_control, tuple(args.override))
     run_dir = cfg.run.run_dir
     if rank == 0 and os.path.exists(run_dir):
         shutil.rmtree(run_dir)
@@ -417,6 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json-out", required=True)
     parser.add_argument("--negative-control", action="store_true",
                         help="the trainer uses population-std advantages; every comparison must then fail")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a trainer config override (section.key=value), e.g. optimizer.overlap_grad_reduce=true")
     args = parser.parse_args(argv)
     for mode in args.modes.split(","):
         if mode not in MODES:

@@ -118,7 +118,7 @@ class OptimizerSection:
     distributed: bool | None = None
     overlap_grad_reduce: bool = False  # distributed optimizer: reduce-scatter gradients during the backward
     overlap_param_gather: bool = False  # distributed optimizer: all-gather updated weights during the next forward
-    cpu_offload: bool = False  # distributed optimizer: state and step on the host (Megatron's HybridDeviceOptimizer)
+    cpu_offload: bool = False  # distributed optimizer on GPUs: state and step on the host (HybridDeviceOptimizer)
 
 
 @dataclass

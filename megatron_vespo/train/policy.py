@@ -72,6 +72,9 @@ class Policy:
         o = cfg.optimizer
         self.distributed_optimizer = trainable and cfg.distributed_optimizer(ps.get_data_parallel_world_size())
         wanted = [k for k in ("overlap_grad_reduce", "overlap_param_gather", "cpu_offload") if getattr(o, k)]
+        if trainable and o.cpu_offload and not torch.cuda.is_available():
+            raise ValueError("optimizer.cpu_offload moves the optimizer from GPU memory to the host (Megatron's "
+                             "HybridDeviceOptimizer); this run has no GPU, its optimizer is on the host already")
         if trainable and wanted and not self.distributed_optimizer:
             raise ValueError(f"optimizer.{wanted[0]} needs the distributed optimizer, which is off at data parallel "
                              f"size {ps.get_data_parallel_world_size()}: set optimizer.distributed: true")
@@ -259,6 +262,15 @@ class Policy:
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 
+    def synchronize_parameters(self) -> None:
+        """Make every rank's weights current. With optimizer.overlap_param_gather the updated
+        weights arrive during the next forward; what reads them otherwise (weight sync,
+        checkpoints) calls this first."""
+        if self.trainable and self.cfg.optimizer.overlap_param_gather:
+            with torch.no_grad():
+                for model in self.models:
+                    model.start_param_sync(force_sync=True)
+
     def validate(self, samples: list[Sample]) -> None:
         validate_samples(samples, self.model_cfg.vocab_size, need_old=not self.loss_cfg.bypass,
                          need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none")
@@ -294,6 +306,7 @@ class Policy:
         from megatron.core import dist_checkpointing, tensor_parallel
 
         rank = torch.distributed.get_rank()
+        self.synchronize_parameters()
         if rank == 0:
             os.makedirs(os.path.join(directory, MCORE_DIR), exist_ok=True)
         comm.barrier()

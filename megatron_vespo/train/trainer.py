@@ -452,6 +452,7 @@ class Trainer:
         """Send the policy to the engine; a resumed run re-sends the checkpoint's version as is."""
         if new_version:
             self.version += 1
+        self.policy.synchronize_parameters()
         report = self.sync.sync(self.policy.chunks, f"v{self.version}")
         if report is not None:
             log(f"weights v{self.version} -> engine ({report.route}): {report.bytes / 2**20:.1f} MiB "
