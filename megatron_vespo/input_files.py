@@ -83,3 +83,26 @@ def yaml_problem(err) -> str:
     where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
     context = getattr(err, "context", None)
     return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
+# -- the tokenizer -----------------------------------------------------------------------------
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
+
+
+def load_tokenizer(model_dir: str):
+    """The Hugging Face tokenizer of ``model_dir``. Its JSON files are read first, so a broken one
+    is an error naming the file (transformers raises the bare JSON or UTF-8 error); any other
+    failure names the directory."""
+    from transformers import AutoTokenizer
+
+    for name in TOKENIZER_JSON_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            read_json_object(path, "tokenizer file")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)  # never a hub download
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; named for the user
+        raise InputFileError(f"the tokenizer of {model_dir} could not be loaded ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -250,7 +250,7 @@ def test_prompt_file_errors_name_the_file(tmp_path):
 
 
 def test_a_broken_tokenizer_file_is_named(tmp_path):
-    from megatron_vespo.train.data import load_tokenizer
+    from megatron_vespo.input_files import load_tokenizer
 
     _tokenizer().save_pretrained(tmp_path)
     assert load_tokenizer(str(tmp_path)) is not None  # positive control
@@ -464,3 +464,16 @@ def test_config_module_keeps_its_bounds_in_the_docs():
                                                                for k, v in losses.BOUNDS.items()]:
         row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
         assert f"Range `{interval}`." in row, key
+
+
+def test_the_server_launchers_name_a_broken_model_config(tmp_path):
+    """sglang launch checks the model before starting servers; the local engine reads config.json
+    before transformers does: a broken one is named either way."""
+    from megatron_vespo.rollout.launch import check_model_for_sglang
+    from megatron_vespo.rollout.local_engine import LocalEngine
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe",')
+    with pytest.raises(ValueError, match=str(tmp_path / "config.json")):
+        check_model_for_sglang(str(tmp_path))
+    with pytest.raises(ValueError, match=str(tmp_path / "config.json")):
+        LocalEngine(str(tmp_path), dtype="float32")

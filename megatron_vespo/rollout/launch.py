@@ -487,8 +487,9 @@ def check_model_for_sglang(model: str) -> None:
     config_file = os.path.join(model, "config.json")
     if not os.path.isfile(config_file):
         return
-    with open(config_file) as f:
-        problems = unsupported_model_features(json.load(f))
+    from megatron_vespo.convert.families import load_hf_config
+
+    problems = unsupported_model_features(load_hf_config(model))  # a broken config.json: named
     if problems:
         raise ValueError(f"{model}: SGLang cannot serve this model correctly: " + "; ".join(problems)
                          + ". Serve it with --engine local, or convert it so that every layer is MoE")

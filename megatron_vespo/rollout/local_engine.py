@@ -119,6 +119,9 @@ class LocalEngine(RequestPreparation, Scheduler, EngineWeights):
     def _load_model(self, path: str):
         from transformers import AutoModelForCausalLM
 
+        from megatron_vespo.convert.families import load_hf_config
+
+        load_hf_config(path)  # a missing or broken config.json is an error naming the file
         # local_files_only: a path that is not a directory must fail here, never become a hub download
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=True)
         model.eval()
@@ -130,9 +133,9 @@ class LocalEngine(RequestPreparation, Scheduler, EngineWeights):
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if not any(os.path.exists(os.path.join(path, n)) for n in names):
             return None
-        from transformers import AutoTokenizer
+        from megatron_vespo.input_files import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return load_tokenizer(path)  # its JSON files checked first: a broken one is named
 
     def _install_router_hooks(self) -> tuple[int, ...]:
         """Hook every router: transformers 5 routers (``*TopKRouter`` at ``model.layers.L.mlp.gate``)

@@ -44,7 +44,7 @@ import random
 from collections import OrderedDict
 from typing import Callable
 
-from megatron_vespo.input_files import InputFileError, check_file, read_json_object, text_lines
+from megatron_vespo.input_files import InputFileError, check_file, text_lines
 from megatron_vespo.train.tasks import Prompt, SyntheticTask, math_reward
 
 log = logging.getLogger(__name__)
@@ -201,29 +201,6 @@ def _as_messages(value, where: str) -> list[dict] | None:
                                   f"got {_short(m)}")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
-
-
-# -- the tokenizer -----------------------------------------------------------------------------
-
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                        "added_tokens.json")
-
-
-def load_tokenizer(model_dir: str):
-    """The Hugging Face tokenizer of ``model_dir``. Its JSON files are read first, so a broken one
-    is an error naming the file (transformers raises the bare JSON or UTF-8 error); any other
-    failure names the directory."""
-    from transformers import AutoTokenizer
-
-    for name in TOKENIZER_JSON_FILES:
-        path = os.path.join(model_dir, name)
-        if os.path.exists(path):
-            read_json_object(path, "tokenizer file")
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; named for the user
-        raise InputFileError(f"the tokenizer of {model_dir} could not be loaded ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 # -- the prompt file ---------------------------------------------------------------------------

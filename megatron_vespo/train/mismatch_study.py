@@ -49,7 +49,8 @@ def load_prompts(args, vocab_size: int) -> list[list[int]]:
         task = SyntheticTask(name=args.prompts[len(SYNTHETIC_PREFIX):], seed=args.seed)
         prompts = [task.prompt(uid).input_ids for uid in range(args.num_prompts)]
     else:
-        from megatron_vespo.train.data import PromptFile, load_tokenizer, read_token_prompts
+        from megatron_vespo.input_files import load_tokenizer
+        from megatron_vespo.train.data import PromptFile, read_token_prompts
 
         prompts = read_token_prompts(args.prompts)
         if prompts is None:

@@ -190,7 +190,7 @@ class Trainer:
     def _tokenizer(self):
         if self.cfg.data.task == "synthetic":
             return None
-        from megatron_vespo.train.data import load_tokenizer
+        from megatron_vespo.input_files import load_tokenizer
 
         return load_tokenizer(self.cfg.model.hf_dir)
 
