@@ -15,9 +15,12 @@ Servers are stopped by process group (``EngineCluster.stop``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,23 @@ def _free_block(count: int) -> int:
             continue
         return base
     raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def http(url, path, body=None, method=None, timeout=30, raw=None, headers=None, api_key=None):
+    """(status, decoded JSON or text) of one HTTP call to an engine. ``raw``: bytes (or an iterable
+    of bytes: sent chunked) as is, instead of ``body`` as JSON."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if api_key:
+        sent["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url + path, data=data, method=method or ("GET" if data is None else "POST"),
+                                     headers=sent)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            status, text = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return status, text

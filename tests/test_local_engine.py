@@ -8,8 +8,6 @@ import random
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from megatron_vespo.comm import StandaloneGroup
 from megatron_vespo.rollout import protocol
 from megatron_vespo.rollout.local_engine import LocalEngine
 from megatron_vespo.rollout.serve_local import LocalServer
+from tests.engines import http
 from tests.hf_models import make_hf_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], [100, 1, 2, 3, 90, 91, 92, 93, 94, 95, 96]]
@@ -136,23 +135,6 @@ def checkpoint_tensors(path):
                 tensors += [(k, f.get_tensor(k)) for k in f.keys()]
     return tensors
 
-
-def http(url, path, body=None, method=None, api_key=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url + path, data=data, method=method or ("GET" if body is None else "POST"),
-                                     headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            status, text = answer.status, answer.read().decode()
-    except urllib.error.HTTPError as err:
-        status, text = err.code, err.read().decode()
-    try:
-        return status, json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return status, text
 
 
 def free_port():

@@ -11,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from megatron_vespo.rollout import serve_local
 from megatron_vespo.rollout.local_engine import LocalEngine
 from megatron_vespo.rollout.serve_local import LocalServer
 from tests.conftest import ROOT, _env
+from tests.engines import http
 from tests.hf_models import make_hf_model
 
 CONNECT_TIMEOUT_S = 1.0  # the server's weight-sync connect timeout here: dead addresses fail in seconds
@@ -55,21 +54,6 @@ def server(engine):
                                                  "connect_timeout_s": CONNECT_TIMEOUT_S}) as srv:
         yield srv
 
-
-def http(url, path, body=None, method=None, timeout=30, raw=None, headers=None):
-    """(status, decoded JSON or text). ``raw``: bytes (or an iterable of bytes: sent chunked) as is."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(url + path, data=data, method=method or ("GET" if data is None else "POST"),
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            status, text = answer.status, answer.read().decode()
-    except urllib.error.HTTPError as err:
-        status, text = err.code, err.read().decode()
-    try:
-        return status, json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return status, text
 
 
 def message(answer) -> str:
