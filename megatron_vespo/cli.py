@@ -80,6 +80,21 @@ def main(argv=None) -> int:
     mismatch_study.add_arguments(study)
     study.set_defaults(func=mismatch_study.main)
 
+    from megatron_vespo import plan
+
+    plan_parser = sub.add_parser(
+        "plan",
+        help="per-GPU memory of the trainer (parameters, gradients, optimizer, activations, log-prob path) "
+             "for a model, layout and micro-batch size, and whether it fits",
+        description="Count the bytes the most loaded rank holds in a training step: parameters, fp32 main "
+                    "gradients, Adam state (sharded with --distributed-optimizer), the activations of the "
+                    "micro-batches in flight (or only layer inputs with --recompute full) and the log-prob "
+                    "path (logits, workspace, output-layer backward); formulas in megatron_vespo/plan.py and "
+                    "docs/PLAN.md. Nothing is started: config.json is all it reads.",
+    )
+    plan.add_arguments(plan_parser)
+    plan_parser.set_defaults(func=plan.main)
+
     sglang = sub.add_parser("sglang", help="manage SGLang servers and the sglang-router")
     sglang_sub = sglang.add_subparsers(dest="sglang_command", required=True)
     launch_parser = sglang_sub.add_parser(
