@@ -121,7 +121,8 @@ def test_a_gpu_without_transformer_engine_gets_the_local_spec_patches():
     code = ("import torch; torch.cuda.is_available = lambda: True\n"
             "from megatron_vespo.mcore import cpu\n"
             "assert cpu.apply_cpu_patches() == []\n"
-            "assert cpu.apply_local_spec_patches() == ['te_general_gemm', 'sequence_parallel_torch_norm']\n"
+            "assert cpu.apply_local_spec_patches() == ['te_general_gemm', 'sequence_parallel_torch_norm', "
+                "'torch_adam_step_on_load']\n"
             "from megatron.core.transformer.moe import moe_utils\n"
             "assert moe_utils.te_general_gemm is None and cpu.applied_patches() == list(cpu.LOCAL_SPEC_PATCHES)\n"
             "print('LOCAL_SPEC_OK')")

@@ -1,8 +1,9 @@
 """Make Megatron-Core 0.16.1 run on a CPU-only PyTorch build with gloo.
 
 Applied by :func:`apply_cpu_patches` only when CUDA is absent. On a GPU without TransformerEngine
-(the local spec) :func:`apply_local_spec_patches` applies the two that the local spec needs on any
-device (``te_general_gemm``, ``sequence_parallel_torch_norm``); nothing else is touched.
+(the local spec) :func:`apply_local_spec_patches` applies the three that the local spec needs on any
+device (``te_general_gemm``, ``sequence_parallel_torch_norm``, ``torch_adam_step_on_load``);
+nothing else is touched.
 Every patch is small, named, and states the Megatron file it answers to (paths relative to
 ``megatron/core/``). ``tests/test_cpu_patches.py`` covers each one.
 
