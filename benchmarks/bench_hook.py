@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import warnings
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+
+from proc_memory import peak, reset_peak  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -149,7 +150,7 @@ def memory_probe(kind: str, tokens: int, vocab: int) -> int:
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     rows = torch.arange(tokens)
     baseline = psutil.Process().memory_info().rss
-    _reset_peak_rss()
+    reset_peak()
     if kind == "naive":
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     else:
@@ -157,21 +158,7 @@ def memory_probe(kind: str, tokens: int, vocab: int) -> int:
         logp, _ = vocab_parallel_logprobs(logits, rows, targets, inplace_grad=(kind == "hook"))
     del logits  # the model keeps no other reference either
     logp.sum().backward()
-    return _peak_rss() - baseline
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak() - baseline
 
 
 def run_memory(tokens: int, vocab: int) -> dict:

@@ -55,6 +55,8 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from proc_memory import reset_peak, status, storages  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -86,31 +88,6 @@ def make_model(directory: str) -> None:
 
     torch.manual_seed(0)
     tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**MODEL)).save_pretrained(directory)
-
-
-def _status(key: str) -> int:
-    """Bytes of /proc/self/status's ``key`` (VmRSS: resident now; VmHWM: the most since the last reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_peak() -> None:
-    """Restart VmHWM from the current resident size (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _storages(tensors) -> dict[int, int]:
-    """data pointer -> bytes of the distinct storages behind ``tensors``."""
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.numel():
-            storage = t.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
-    return out
 
 
 def _optimizer_tensors(optimizer):
@@ -146,8 +123,8 @@ def worker(args) -> None:
     policy = Policy(cfg, layout)
     ps = policy.ps
     params = [p for chunk in policy.chunks for p in chunk.parameters()]
-    param_storages = _storages(params)
-    grad_storages = _storages(getattr(p, "main_grad", None) for p in params)
+    param_storages = storages(params)
+    grad_storages = storages(getattr(p, "main_grad", None) for p in params)
 
     gen = torch.Generator().manual_seed(1)
     n = per_mb * micro_batches * layout.data_parallel
@@ -171,7 +148,7 @@ def worker(args) -> None:
     def kept_by_autograd() -> int:
         """Distinct storages autograd holds for the backward now (parameters and grads excluded)."""
         alive = (ref() for ref in saved)
-        return sum(nbytes for ptr, nbytes in _storages(t for t in alive if t is not None).items() if ptr not in excluded)
+        return sum(nbytes for ptr, nbytes in storages(t for t in alive if t is not None).items() if ptr not in excluded)
 
     def marked_loss(logits, *a, **k):
         logits_bytes.append(logits.untyped_storage().nbytes())
@@ -179,27 +156,27 @@ def worker(args) -> None:
 
     def marked_backward(*a, **k):
         if "backward" not in at:  # the first backward of the step
-            at["backward"] = _status("VmRSS")
+            at["backward"] = status("VmRSS")
             if saved:
                 at["kept"] = kept_by_autograd()
         return real_backward(*a, **k)
 
     def marked_opt(*a, **k):
-        at.setdefault("fwd_bwd_peak", _status("VmHWM"))
+        at.setdefault("fwd_bwd_peak", status("VmHWM"))
         return real_opt(*a, **k)
 
     hook.loss_from_logits, schedules.backward_step, policy.optimizer.step = marked_loss, marked_backward, marked_opt
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
     gc.collect()
-    built = _status("VmRSS")
+    built = status("VmRSS")
     steps = []
     for step in range(2):
         logprobs.release_workspace()  # so each step allocates it, as the first one does
         gc.collect()
         at.clear()
         saved.clear()
-        start = _status("VmRSS")
-        _reset_peak()
+        start = status("VmRSS")
+        reset_peak()
         # the first step counts what autograd keeps (hooks on every saved tensor) and creates Adam's
         # state; the second, untouched, is the one whose resident memory is measured
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else contextlib.nullcontext()
@@ -210,7 +187,7 @@ def worker(args) -> None:
         steps.append(dict(start=start - built, kept=at.get("kept", 0) - (logits_bytes[-1] if last else 0),
                           resident_activations=at["backward"] - start - transient,
                           step_extra=at["fwd_bwd_peak"] - start, peak=at["fwd_bwd_peak"] - built))
-    optimizer_bytes = sum(nbytes for ptr, nbytes in _storages(_optimizer_tensors(policy.optimizer)).items()
+    optimizer_bytes = sum(nbytes for ptr, nbytes in storages(_optimizer_tensors(policy.optimizer)).items()
                           if ptr not in excluded)
     params_bytes, grads_bytes = sum(param_storages.values()), sum(grad_storages.values())
     row = dict(

@@ -52,6 +52,8 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from proc_memory import reset_peak, status, storages  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -96,42 +98,18 @@ def make_samples(lengths: list[int], prompt: int, vocab: int, seed: int):
             for n in lengths]
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_peak() -> None:
-    """Linux: writing 5 to clear_refs restarts VmHWM from the current resident size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _storages(tensors) -> dict[int, int]:
-    """data pointer -> bytes of the distinct storages behind ``tensors``."""
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.numel():
-            storage = t.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
-    return out
-
-
 def optimizer_state_bytes(policy) -> dict:
     """Bytes the optimizer holds beyond the model's parameters and gradient buffers: Adam's state
     (moments, step counters) and the master copies / shards in its param groups."""
     params = [p for chunk in policy.chunks for p in chunk.parameters()]
-    own = set(_storages(params)) | set(_storages(getattr(p, "main_grad", None) for p in params))
+    own = set(storages(params)) | set(storages(getattr(p, "main_grad", None) for p in params))
     state, masters = {}, {}
     for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
         inner = opt.optimizer
         for group in inner.param_groups:
-            masters.update(_storages(group["params"]))
+            masters.update(storages(group["params"]))
         for values in inner.state.values():
-            state.update(_storages(v for v in values.values() if torch.is_tensor(v)))
+            state.update(storages(v for v in values.values() if torch.is_tensor(v)))
     state = {k: v for k, v in state.items() if k not in own}
     masters = {k: v for k, v in masters.items() if k not in own and k not in state}
     return dict(adam_state=sum(state.values()), master_params=sum(masters.values()),
@@ -242,7 +220,7 @@ def memory_worker(args) -> None:
     algorithm = (dict(max_tokens_per_micro_batch=args.budget) if args.variant == "budget"
                  else dict(micro_batch_size=2))
     gc.collect()
-    before_build = _status("VmRSS")
+    before_build = status("VmRSS")
     policy = _build_policy(args, Layout(), False, "float32", first=True, **algorithm)
     shapes = []
     real = policy._micro_batches
@@ -261,12 +239,12 @@ def memory_worker(args) -> None:
     policy.train_step(warm, [0, 1])
     logprobs.release_workspace()  # so the measured step allocates it, as any step's log-probs do
     gc.collect()
-    start = _status("VmRSS")
-    _reset_peak()
+    start = status("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     policy.train_step(samples, ids)
     seconds = time.perf_counter() - t0
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     steps = [dict(before=start, peak=peak, extra=peak - start, seconds=seconds)]
     result = dict(variant=args.variant, lengths=[s.tokens.numel() for s in samples], micro_batches=shapes[-1],
                   resident_growth_before_step=steps[0]["before"] - before_build, steps=steps,

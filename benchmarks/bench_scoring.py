@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_hook import _env, _peak_rss, _reset_peak_rss  # noqa: E402
+from bench_hook import _env  # noqa: E402
+from proc_memory import peak, reset_peak  # noqa: E402
 
 PATHS = ("logits", "hidden")
 
@@ -73,9 +74,9 @@ def memory_probe(path: str, args) -> int:
 
     model, micro_batches = setup(args.vocab, args.length, args.prompt, args.sequences)
     baseline = psutil.Process().memory_info().rss
-    _reset_peak_rss()
+    reset_peak()
     score(model, micro_batches, path)
-    return _peak_rss() - baseline
+    return peak() - baseline
 
 
 def run_memory(args) -> dict:
