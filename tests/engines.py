@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_vespo.rollout.launch import EngineCluster, LaunchOptions
 
@@ -113,3 +114,13 @@ def http(url, path, body=None, method=None, timeout=30, raw=None, headers=None, 
         return status, json.loads(text) if text else None
     except json.JSONDecodeError:
         return status, text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP threads stall when other
+    processes share the cores; restore the setting for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from megatron_vespo.comm import StandaloneGroup
 from megatron_vespo.rollout import protocol
 from megatron_vespo.rollout.local_engine import LocalEngine
 from megatron_vespo.rollout.serve_local import LocalServer
-from tests.engines import http
+from tests.engines import http, one_thread  # noqa: F401 -- an autouse fixture
 from tests.hf_models import make_hf_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24], [100, 1, 2, 3, 90, 91, 92, 93, 94, 95, 96]]
@@ -39,16 +39,6 @@ def _perturbed_copy(src, dst, seed):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(dst)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP threads stall when other
-    processes share the cores; restore the setting for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

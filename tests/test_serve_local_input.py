@@ -20,19 +20,11 @@ from megatron_vespo.rollout import serve_local
 from megatron_vespo.rollout.local_engine import LocalEngine
 from megatron_vespo.rollout.serve_local import LocalServer
 from tests.conftest import ROOT, _env
-from tests.engines import http
+from tests.engines import http, one_thread  # noqa: F401 -- an autouse fixture
 from tests.hf_models import make_hf_model
 
 CONNECT_TIMEOUT_S = 1.0  # the server's weight-sync connect timeout here: dead addresses fail in seconds
 MAX_BODY_MB = 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
