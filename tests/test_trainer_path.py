@@ -44,6 +44,22 @@ def test_trainer_path_with_overlapped_grad_reduce_and_param_gather(tmp_path):
     assert_matches("dp2 overlapped", rows, ("none",))
 
 
+@pytest.mark.parametrize("layout", ["dp2", "pp2"])
+def test_trainer_path_with_a_token_budget(layout, tmp_path):
+    """Micro-batches packed to a 40-token budget (sequences of 5 to 20 tokens): at dp2 balanced
+    over the ranks, each micro-batch its own width; at pp2 all padded to the widest."""
+    rows = run_check(layout, tmp_path, "--modes", "none", "--override", "algorithm.max_tokens_per_micro_batch=40",
+                     "--override", "algorithm.micro_batch_size=0")
+    assert_matches(f"{layout} token budget", rows, ("none",))
+    steps = [r for r in rows if r["event"] == "optimizer_step"]
+    widths = [w for r in steps for rank in r["micro_batch_widths"] for w in rank]
+    assert max(widths) <= 40
+    if layout == "pp2":  # pipeline stages exchange one shape
+        assert all(len(set(rank)) == 1 for r in steps for rank in r["micro_batch_widths"])
+    else:
+        assert any(len(set(rank)) > 1 for r in steps for rank in r["micro_batch_widths"])
+
+
 def assert_matches(layout, rows, modes):
     for mode in modes:
         steps = [r for r in rows if r["mode"] == mode and r["event"] == "optimizer_step"]

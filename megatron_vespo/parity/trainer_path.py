@@ -270,6 +270,15 @@ def observe(trainer, m, initial, record: list) -> None:
                               for name, p, _ in _local_items(trainer, m)}
         return out
 
+    real_micro_batches = policy._micro_batches
+
+    def micro_batches(*args, **kwargs):  # the widths (sequence dimension) of this rank's last micro-batches
+        out = real_micro_batches(*args, **kwargs)
+        current["widths"] = [int(mb.tokens.shape[1]) for mb in out[0]]
+        return out
+
+    policy._micro_batches = micro_batches
+
     def train_step(samples, ids, routes=None):
         metrics = real_train_step(samples, ids, routes)
         record.append(dict(ids=list(ids), metrics=metrics, **current))
@@ -300,7 +309,7 @@ def compare_step(got: dict, want: dict, initial: dict, trainer, m) -> dict:
         group_norms_rel_diff=abs(math.sqrt(sum(v * v for v in norms)) - metrics["grad_norm"]) / metrics["grad_norm"],
         grad_rel_diff=worst["grad"][0], grad_worst=worst["grad"][1],
         update_rel_diff=worst["update"][0], update_worst=worst["update"][1],
-        pad_row_grad=got.get("pad_row_grad"),
+        pad_row_grad=got.get("pad_row_grad"), widths=got["widths"],
     )
 
 
@@ -371,6 +380,7 @@ def run_mode(args, layout, m, hf_dir, initial, batches, reference, mode) -> list
                 merged["ids_equal"] = all(r["ids_equal"] for r in per_rank)
                 pads = [r["pad_row_grad"] for r in per_rank if r["pad_row_grad"] is not None]
                 merged["pad_row_grad"] = max(pads) if pads else None
+                merged["micro_batch_widths"] = [r["widths"] for r in per_rank]  # per rank, CP-local
                 rows.append(merged)
         if len(record) != ROLLOUT_BATCHES * STALENESS - expected_first:
             raise RuntimeError(f"{mode}/{phase}: {len(record)} optimizer steps ran")

@@ -56,8 +56,8 @@ class Policy:
 
             overrides["moe_enable_routing_replay"] = True
             RoutingReplay.clear_registry()  # Megatron keeps one global list of routers
-        # every micro-batch of a step is padded to one length (below), so pipeline stages need no
-        # shape exchange (with it the interleaved schedule hangs on gloo)
+        # under a pipeline every micro-batch of a step is padded to one length (below), so stages need
+        # no shape exchange (with it the interleaved schedule hangs on gloo)
         overrides["variable_seq_lengths"] = False
         self.config = transformer_config(self.model_cfg, layout, params_dtype=dtype, **overrides)
         chunks = build_gpt_chunks(self.model_cfg, self.config)
@@ -129,9 +129,12 @@ class Policy:
         every = [[[ids[i] for i in block] for block in rank] for rank in plan]
         groups = every[self.dp_rank]
         # pipeline stages exchange fixed-shape activations: one length for all micro-batches; with the
-        # budget, the widest on any rank (every rank knows the plan), which stays within the budget
-        pad_to = max(packed_width(lengths, g, seq_multiple, total_multiple)
-                     for rank in (every if budget else [groups]) for g in rank)
+        # budget, the widest on any rank (every rank knows the plan), which stays within the budget.
+        # Without a pipeline each micro-batch keeps its own width: only CP/TP rounding is padding.
+        pad_to = None
+        if self.layout.pp > 1:
+            pad_to = max(packed_width(lengths, g, seq_multiple, total_multiple)
+                         for rank in (every if budget else [groups]) for g in rank)
         out = []
         for group in groups:
             mb = build_micro_batch([samples[i] for i in group], "packed", seq_multiple, total_multiple, group,
