@@ -64,12 +64,19 @@ class ContextParallelLocalAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
-    def _attend(self, query, key, value, q_pos, k_pos):
-        """Causal attention of [sq, b, h, d] queries on [sk, b, h, d] keys at the given positions."""
-        allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    def _attend(self, query, key, value, q_pos, k_pos, in_order: bool = False):
+        """Causal attention of [sq, b, h, d] queries on [sk, b, h, d] keys at the given positions;
+        ``in_order``: both are positions 0..s-1 (no CP), where torch's fused attention keeps no
+        [s, s] scores for the backward (memory linear in s, not quadratic)."""
         q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
+        if in_order:
+            context = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                       scale=self.softmax_scale)
+            context = context.permute(2, 0, 1, 3).contiguous()
+            return context.view(context.shape[0], context.shape[1], self.heads * self.head_dim)
+        allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
@@ -106,8 +113,9 @@ class ContextParallelLocalAttention(MegatronModule):
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
             value = value.repeat_interleave(repeat, dim=2)
+        in_order = cp_size == 1  # every sequence's positions are 0..L-1 on the one rank
         if not thd:
-            context = self._attend(query, key, value, q_pos.to(device), k_pos.to(device))
+            context = self._attend(query, key, value, q_pos.to(device), k_pos.to(device), in_order)
         else:
             # one sequence at a time: cost sum_i L_i^2, not (sum_i L_i)^2
             pieces = []
@@ -117,7 +125,7 @@ class ContextParallelLocalAttention(MegatronModule):
                 q_on, k_on = q_idx.to(device), k_idx.to(device)
                 pieces.append(self._attend(query.index_select(0, q_on), key.index_select(0, k_on),
                                            value.index_select(0, k_on), q_pos[q_idx].to(device),
-                                           k_pos[k_idx].to(device)))
+                                           k_pos[k_idx].to(device), in_order))
             context = torch.cat(pieces, dim=0)
         if thd:
             context = context.squeeze(1)
