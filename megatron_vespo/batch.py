@@ -30,6 +30,8 @@ class Sample:
     advantage: float
     old_logprobs: torch.Tensor | None  # [L - prompt_len]; None only in bypass mode
     engine_logprobs: torch.Tensor | None = None  # [L - prompt_len]
+    ref_logprobs: torch.Tensor | None = None  # [L - prompt_len], the reference policy's (KL term)
+    trained: bool = True  # False: no gradient and not counted by the loss (algorithm.mask_truncated)
 
     @property
     def response_len(self) -> int:
@@ -91,6 +93,7 @@ def validate_samples(
             raise ValueError(f"sample {i}: engine_logprobs missing (needed by bypass/correction)")
         _check_logprobs("old_logprobs", s.old_logprobs, s.response_len, i)
         _check_logprobs("engine_logprobs", s.engine_logprobs, s.response_len, i)
+        _check_logprobs("ref_logprobs", s.ref_logprobs, s.response_len, i)
 
 
 def samples_from_lists(
@@ -131,6 +134,8 @@ class MicroBatch:
     engine_logp: torch.Tensor | None
     seq_index: torch.Tensor  # long, -1 on padding
     advantages: torch.Tensor  # float32 [n_seq]
+    ref_logp: torch.Tensor | None = None  # the reference policy's, where every sample has them
+    seq_weight: torch.Tensor | None = None  # float32 [n_seq]: 1 trained, 0 not (Sample.trained)
     cu_seqlens: torch.Tensor | None = None  # int32, true lengths (packed)
     cu_seqlens_padded: torch.Tensor | None = None  # int32, padded lengths (packed)
     max_seqlen: int | None = None
@@ -171,7 +176,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _fill_sample(mb_fields, offset_row, offset_col, s: Sample, seq_id: int) -> None:
-    tokens, labels, mask, old, eng, seq_index, positions = mb_fields
+    tokens, labels, mask, old, eng, ref, seq_index, positions = mb_fields
     n = s.tokens.numel()
     p = s.prompt_len
     cols = slice(offset_col, offset_col + n)
@@ -183,6 +188,8 @@ def _fill_sample(mb_fields, offset_row, offset_col, s: Sample, seq_id: int) -> N
         old[offset_row, resp] = s.old_logprobs.float()
     if eng is not None:
         eng[offset_row, resp] = s.engine_logprobs.float()
+    if ref is not None:
+        ref[offset_row, resp] = s.ref_logprobs.float()
     seq_index[offset_row, cols] = seq_id
     positions[offset_row, cols] = torch.arange(n)
 
@@ -204,6 +211,7 @@ def build_micro_batch(
     if not samples:
         raise ValueError("a micro-batch needs at least one sample")
     has_engine = all(s.engine_logprobs is not None for s in samples)
+    has_ref = all(s.ref_logprobs is not None for s in samples)
     lengths = [int(s.tokens.numel()) for s in samples]
     if fmt == "padded":
         rows, width = len(samples), _round_up(max(lengths), max(seq_multiple, total_multiple))
@@ -223,9 +231,10 @@ def build_micro_batch(
     mask = torch.zeros((rows, width), dtype=torch.float32)
     old = torch.zeros_like(mask)
     eng = torch.zeros_like(mask) if has_engine else None
+    ref = torch.zeros_like(mask) if has_ref else None
     seq_index = torch.full((rows, width), -1, dtype=torch.long)
     positions = torch.zeros_like(tokens)
-    fields = (tokens, labels, mask, old, eng, seq_index, positions)
+    fields = (tokens, labels, mask, old, eng, ref, seq_index, positions)
     for i, (s, (r, c)) in enumerate(zip(samples, places)):
         _fill_sample(fields, r, c, s, i)
     mb = MicroBatch(
@@ -238,6 +247,8 @@ def build_micro_batch(
         engine_logp=eng,
         seq_index=seq_index,
         advantages=torch.tensor([float(s.advantage) for s in samples], dtype=torch.float32),
+        ref_logp=ref,
+        seq_weight=torch.tensor([1.0 if s.trained else 0.0 for s in samples], dtype=torch.float32),
         sample_ids=list(sample_ids) if sample_ids is not None else list(range(len(samples))),
     )
     if fmt == "packed":
@@ -296,6 +307,7 @@ def slice_for_cp(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         loss_mask=take(mb.loss_mask),
         old_logp=take(mb.old_logp),
         engine_logp=take(mb.engine_logp),
+        ref_logp=take(mb.ref_logp),
         seq_index=take(mb.seq_index),
         cp_size=cp_size,
         cp_rank=cp_rank,
@@ -320,8 +332,8 @@ def partition(n_samples: int, dp_size: int, num_microbatches: int) -> list[list[
 
 # -- micro-batches packed to a token budget -------------------------------------------------------
 #
-# Every micro-batch of a step is padded to one width (pipeline stages exchange fixed shapes), so the
-# cost of a step is (micro-batches per rank) x (widest micro-batch): the plan uses the fewest
+# Under a pipeline every micro-batch of a step is padded to one width (stages exchange fixed shapes),
+# so the cost of a step is (micro-batches per rank) x (widest micro-batch): the plan uses the fewest
 # micro-batches that fit the budget and balances their token counts globally, which keeps the widest
 # one, and with it the padding, small; the ranks' totals then follow from the micro-batches'.
 

@@ -110,6 +110,7 @@ def loss_from_logits(
         group=groups.tp,
         chunk_tokens=chunk_tokens,
         inplace_grad=inplace_grad,
+        entropy_grad=cfg.entropy_coef > 0,
     )
     if check_finite and not torch.isfinite(logp.detach()).all():
         bad = ~torch.isfinite(logp.detach())
@@ -123,12 +124,16 @@ def loss_from_logits(
         if engine is None:
             raise ValueError("bypass mode needs the engine's per-token log-probs")
         old, engine = engine, None
+    seq_index = mb.seq_index.reshape(-1)[rows]
+    # a sequence that is not trained (Sample.trained) keeps its rows for the statistics' shapes only
+    mask = torch.ones_like(logp) if mb.seq_weight is None else mb.seq_weight.to(logp)[seq_index]
     tokens = TokenBatch(
         logp=logp,
         old_logp=old,
         engine_logp=engine,
-        mask=torch.ones_like(logp),
-        seq_index=mb.seq_index.reshape(-1)[rows],
+        mask=mask,
+        seq_index=seq_index,
+        ref_logp=None if mb.ref_logp is None else mb.ref_logp.reshape(-1)[rows],
     )
     stats = sequence_statistics(tokens, mb.advantages, mb.n_seq, cfg, groups.cp)
     out, weights, corr_metrics = losses.compute_loss(stats, tokens, cfg)
@@ -136,7 +141,13 @@ def loss_from_logits(
     loss_sum, normaliser = losses.aggregate(
         out.per_token_loss, weights, tokens, stats, cfg.aggregation, owns_sequences
     )
-    metrics = _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, owns_sequences)
+    extra_term, extra_metrics = losses.regularizer(tokens, entropy, cfg)
+    if extra_term is not None:  # the same normaliser: it is one loss
+        extra_sum, _ = losses.aggregate(extra_term, torch.ones_like(extra_term), tokens, stats, cfg.aggregation,
+                                        owns_sequences)
+        loss_sum = loss_sum + extra_sum
+    corr_metrics = {**corr_metrics, **extra_metrics}
+    metrics = _metrics(tokens, stats, out, corr_metrics, entropy.detach(), loss_sum, normaliser, owns_sequences)
     return loss_sum, normaliser.round().to(torch.int), metrics
 
 
@@ -144,18 +155,23 @@ def _metrics(tokens, stats, out, corr_metrics, entropy, loss_sum, normaliser, ow
     """Metric name -> [sum, count] (a mean over the step), or -> [extreme, count] for names ending in
     /max or /min, or -> [sum of squares, count] for names ending in /std (see reduce_metrics)."""
     n_tok = tokens.mask.sum()
+
+    def token_sum(values):  # over the tokens in the loss
+        return (values * tokens.mask).sum()
+
     metrics = {
         "policy_loss": _pair(loss_sum.detach(), normaliser),
-        "entropy": _pair(entropy.sum(), n_tok),
-        "kl_k3": _pair(losses.per_token_kl_k3(tokens.old_logp, tokens.logp.detach()).sum(), n_tok),
+        "entropy": _pair(token_sum(entropy), n_tok),
+        "kl_k3": _pair(token_sum(losses.per_token_kl_k3(tokens.old_logp, tokens.logp.detach())), n_tok),
         "response_tokens": _pair(n_tok, n_tok),
     }
     if tokens.engine_logp is not None:
         diff = tokens.old_logp - tokens.engine_logp
-        metrics["mismatch/abs_logp_diff"] = _pair(diff.abs().sum(), n_tok)
-        metrics["mismatch/kl_k3"] = _pair(losses.per_token_kl_k3(tokens.old_logp, tokens.engine_logp).sum(), n_tok)
+        metrics["mismatch/abs_logp_diff"] = _pair(token_sum(diff.abs()), n_tok)
+        metrics["mismatch/kl_k3"] = _pair(token_sum(losses.per_token_kl_k3(tokens.old_logp, tokens.engine_logp)),
+                                          n_tok)
     for name, values in {**out.token_metrics, **corr_metrics}.items():
-        metrics[name] = _pair(values.sum(), n_tok)
+        metrics[name] = _pair(token_sum(values), n_tok)
     # Sequence metrics are identical on every CP rank: count them on one.
     scale = 1.0 if owns_sequences else 0.0
     n_seq = stats.advantages.numel()

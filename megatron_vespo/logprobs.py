@@ -11,7 +11,8 @@ the shard's own softmax, and the target's logit if the shard owns it. One all-ga
 
 Logits are divided by the sampling temperature first (SGLang's log-probs are
 log_softmax(logits / T)). The backward needs no communication: d log p(y) / d z_v is
-(1[v = y] - softmax(z)_v) / T on the rank that owns v.
+(1[v = y] - softmax(z)_v) / T on the rank that owns v. With ``entropy_grad`` (an entropy bonus in
+the loss) the entropy has a gradient too, d H / d z_v = -p_v (log p_v + H) / T, also local.
 
 On NVIDIA GPUs the per-shard reduction and the gradient are fused Triton kernels
 (``logprobs_kernels``): one read of the logits in the forward, one read and one write in the
@@ -134,7 +135,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad):
+    def forward(ctx, logits, rows, targets, vocab_start, temperature, group, chunk_tokens, inplace_grad,
+                entropy_grad):
         vocab_local = logits.shape[-1]
         local_targets = targets - vocab_start
         owned = (local_targets >= 0) & (local_targets < vocab_local)
@@ -148,16 +150,22 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                                                            chunk_tokens, inplace_grad)
         logp, entropy, log_z = _combine_shards(local, group)
         # In place, the logits' version counter moved: any other reader that saved them fails loudly.
-        ctx.save_for_backward(logits, rows, local_targets, owned, log_z, shift)
+        ctx.save_for_backward(logits, rows, local_targets, owned, log_z, shift, entropy if entropy_grad else None)
         ctx.temperature, ctx.spans, ctx.inplace_grad, ctx.in_place = temperature, spans, inplace_grad, in_place
-        ctx.kernels = kernels
-        ctx.mark_non_differentiable(entropy)
+        ctx.kernels, ctx.chunk_tokens, ctx.entropy_grad = kernels, chunk_tokens, entropy_grad
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        logits, rows, local_targets, owned, log_z, shift = ctx.saved_tensors
-        if ctx.kernels is not None:
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, rows, local_targets, owned, log_z, shift, entropy = ctx.saved_tensors
+        if not ctx.entropy_grad:
+            grad_entropy = None
+        if grad_entropy is not None and ctx.kernels is not None:
+            # the fused kernel has no entropy term: recompute the softmax from the (untouched) logits
+            ctx.spans, ctx.in_place = _spans(rows, ctx.chunk_tokens), False
+        elif ctx.kernels is not None:
             # The logits are dead after this backward when inplace_grad: the gradient reuses their memory.
             out = logits if ctx.inplace_grad else None
             grad_logits = ctx.kernels.logit_grad(logits, rows, local_targets, log_z, grad_logp, ctx.temperature,
@@ -165,8 +173,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             if ctx.inplace_grad:
                 # written behind autograd's back: move the version counter as the torch path does
                 torch.autograd.graph.increment_version(logits)
-            return grad_logits, None, None, None, None, None, None, None
-        return _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift)
+            return grad_logits, None, None, None, None, None, None, None, None
+        return _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift, grad_entropy,
+                               entropy)
 
 
 def _combine_shards(local: torch.Tensor, group):
@@ -215,8 +224,10 @@ def _torch_forward(logits, rows, local_targets, owned, temperature, chunk_tokens
     return local, shift, spans, in_place
 
 
-def _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift):
-    """The chunked pure-torch backward (rows not asked for get zeros)."""
+def _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, shift, grad_entropy=None,
+                    entropy=None):
+    """The chunked pure-torch backward (rows not asked for get zeros); ``grad_entropy`` adds the
+    entropy's gradient -p (log p + H) (``entropy`` the rows' H)."""
     if ctx.inplace_grad:
         # The logits are dead after this backward: reuse their memory for the gradient.
         unused = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -227,7 +238,19 @@ def _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, s
         grad_logits = torch.zeros_like(logits)
     for i, row, count in ctx.spans:
         g = grad_logp[i:i + count].to(log_z.dtype)
-        if ctx.in_place:  # the rows hold exp(z - m): softmax = that * exp(m - log Z)
+        if grad_entropy is not None:
+            if ctx.in_place:
+                z = logits[row:row + count]
+                z.mul_(torch.exp(shift[i:i + count] - log_z[i:i + count]).unsqueeze(1))  # softmax
+            else:
+                z = _load_rows(logits, row, count, log_z.dtype, ctx.temperature)
+                z.sub_(log_z[i:i + count].unsqueeze(1)).exp_()
+            # -g_H p (log p + H); xlogy keeps p log p at 0 where p underflows to 0
+            term = torch.special.xlogy(z, z)
+            term.addcmul_(z, entropy[i:i + count].to(z.dtype).unsqueeze(1))
+            term.mul_(-grad_entropy[i:i + count].to(z.dtype).unsqueeze(1))
+            z.mul_(-g.unsqueeze(1)).add_(term)
+        elif ctx.in_place:  # the rows hold exp(z - m): softmax = that * exp(m - log Z)
             z = logits[row:row + count]
             z.mul_((-g * torch.exp(shift[i:i + count] - log_z[i:i + count])).unsqueeze(1))
         else:
@@ -239,7 +262,7 @@ def _torch_backward(ctx, grad_logp, logits, rows, local_targets, owned, log_z, s
             z.div_(ctx.temperature)
         if not ctx.in_place:
             grad_logits[row:row + count] = z  # converts to the logits' dtype
-    return grad_logits, None, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -251,12 +274,13 @@ def vocab_parallel_logprobs(
     group=None,
     chunk_tokens: int | None = None,
     inplace_grad: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(targets) and entropy at ``rows`` of ``logits`` [n_positions, vocab_local].
 
     ``targets`` holds global vocabulary ids; this rank's shard covers
     [vocab_start, vocab_start + vocab_local). Returns fp32, or fp64 for fp64 logits
-    (logp with grad, entropy detached).
+    (logp with grad; the entropy too with ``entropy_grad``, else detached).
 
     ``chunk_tokens`` defaults to about CHUNK_BYTES of fp32 logits per chunk. ``inplace_grad``
     writes the gradient into ``logits``' own memory (as Megatron's vocab-parallel cross-entropy
@@ -276,7 +300,7 @@ def vocab_parallel_logprobs(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     return _VocabParallelLogProbs.apply(
         logits, rows.long(), targets.long(), int(vocab_start), float(temperature), group,
-        int(chunk_tokens), bool(inplace_grad),
+        int(chunk_tokens), bool(inplace_grad), bool(entropy_grad),
     )
 
 

@@ -24,6 +24,7 @@ from megatron_vespo import kernel, ranges
 from megatron_vespo.kernel import LOG_RATIO_CLAMP
 
 CORRECTIONS = ("none", "tis", "mis", "fold")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = (
     "token_mean",
     "seq_mean_token_mean",
@@ -53,6 +54,8 @@ BOUNDS = {
     "mis_low": "(0, inf)",
     "mis_high": "(0, inf)",
     "temperature": "(0, inf)",
+    "kl_coef": "[0, inf)",
+    "entropy_coef": "[0, inf)",
 }
 
 
@@ -90,6 +93,10 @@ class LossConfig:
     bypass: bool = False
     aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum | legacy_microbatch_token_mean
     temperature: float = 1.0  # log-probs are log_softmax(logits / temperature), as the engine samples
+    # Regularisers, aggregated like the policy loss but without the TIS/MIS weights (see regularizer).
+    kl_coef: float = 0.0  # KL(pi_theta || pi_ref) penalty; needs the reference log-probs
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (per token, from pi_theta's samples)
+    entropy_coef: float = 0.0  # entropy bonus: the loss subtracts entropy_coef x the token entropy
 
     def validate(self) -> "LossConfig":
         if self.name not in LOSSES:
@@ -101,6 +108,8 @@ class LossConfig:
                 f"correction 'fold' folds the mismatch into VESPO's W and is only defined for "
                 f"vespo, not {self.name!r}; use 'tis' or 'mis'"
             )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; choose one of {KL_ESTIMATORS}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(
                 f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}"
@@ -137,6 +146,7 @@ class TokenBatch:
     engine_logp: torch.Tensor | None
     mask: torch.Tensor  # float, 1 for a response token that enters the loss
     seq_index: torch.Tensor  # long, row of SequenceStats for each token
+    ref_logp: torch.Tensor | None = None  # the reference policy's log-probs (KL term)
 
     def token_log_ratio(self) -> torch.Tensor:
         """Clamped log pi_theta - log pi_old, with gradient (zero outside the clamp)."""
@@ -287,6 +297,41 @@ def per_token_kl_k3(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1.0
 
 
+def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """An estimate of KL(pi_theta || pi_ref) per token sampled from pi_theta (Schulman's k1, k2,
+    k3), with the gradient through ``logp``: k1 = log r, k2 = (log r)^2 / 2, k3 = 1/r - 1 + log r,
+    r = pi_theta / pi_ref (k3 is per_token_kl_k3(ref, pi), clamped the same way)."""
+    log_r = (logp - ref_logp.to(logp.dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return log_r
+    if estimator == "k2":
+        return 0.5 * log_r * log_r
+    if estimator == "k3":
+        return (-log_r).exp() - 1.0 + log_r
+    raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def regularizer(tokens: TokenBatch, entropy: torch.Tensor | None,
+                cfg: LossConfig) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The per-token KL penalty and entropy bonus, kl_coef x KL - entropy_coef x H (None when both
+    are off), and their per-token values as metrics. Aggregated with the policy loss's
+    normaliser, but not multiplied by TIS/MIS weights: they correct the policy gradient's sampling
+    distribution, while both terms are expectations under pi_theta's own samples."""
+    term, metrics = None, {}
+    if cfg.kl_coef > 0:
+        if tokens.ref_logp is None:
+            raise ValueError("kl_coef > 0 needs the reference policy's per-token log-probs")
+        kl = per_token_kl(tokens.logp, tokens.ref_logp, cfg.kl_estimator)
+        term = cfg.kl_coef * kl
+        metrics[f"kl_ref/{cfg.kl_estimator}"] = kl.detach()
+    if cfg.entropy_coef > 0:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError("entropy_coef > 0 needs the token entropy with its gradient")
+        bonus = -cfg.entropy_coef * entropy.to(tokens.logp.dtype)
+        term = bonus if term is None else term + bonus
+    return term, metrics
+
+
 def aggregate(
     per_token_loss: torch.Tensor,
     weights: torch.Tensor,
@@ -302,7 +347,8 @@ def aggregate(
     """
     weighted = per_token_loss * weights * tokens.mask
     one = torch.ones((), dtype=torch.float32, device=per_token_loss.device)
-    n_seq = float(stats.token_count.numel()) if owns_sequences else 0.0
+    # a sequence without any token in the loss (Sample.trained false) is not counted
+    n_seq = float((stats.token_count > 0).sum()) if owns_sequences else 0.0
     if aggregation == "token_mean":
         return weighted.sum(), tokens.mask.sum().float()
     if aggregation == "seq_mean_token_mean":
@@ -312,6 +358,8 @@ def aggregate(
         return weighted.sum(), one * n_seq
     if aggregation == "legacy_microbatch_token_mean":
         total = stats.token_count.sum().to(weighted.dtype)
+        if float(total) == 0:  # nothing of this micro-batch is trained: it is not one of the means
+            return weighted.sum(), one * 0.0
         return weighted.sum() / total, one * (1.0 if owns_sequences else 0.0)
     raise ValueError(f"unknown aggregation {aggregation!r}")
 

@@ -52,8 +52,9 @@ CPU measurement checks) keeps more: torch's RMSNorm keeps its input and the norm
 the next linear its output (``3 s H``); q's norm input is a copy and both q/k norms keep their
 normalised tensor; RoPE keeps cos and sin for q and k ``4 t d``; its core attention
 (``mcore/attention.py``) keeps per sequence q and the GQA-repeated, CP-gathered k and v
-(``t (nq + 2 cp nq) d / tp``), the fp32 softmax ``4 t L nq / tp`` bytes (``+ b`` more for its
-16-bit copy) and the mask ``t L`` bytes; the unfused SwiGLU keeps fc1's output, silu's output
+(``t (nq + 2 cp nq) d / tp``); under CP also the fp32 softmax ``4 t L nq / tp`` bytes (``+ b``
+more for its 16-bit copy) and the mask ``t L`` bytes, without CP (torch's fused attention) only
+the fp32 log-sum-exp ``4 t nq / tp``; the unfused SwiGLU keeps fc1's output, silu's output
 and the linear half plus the fc2 input: ``5 F`` per token (``6 Fm`` per expert copy, the
 probability-scaled copy included).
 
@@ -122,6 +123,7 @@ class PlanInput:
     micro_batches: int | None = None  # per step and data-parallel rank; None: enough to fill the pipeline
     spec: str = "te"
     sequence_length: int | None = None  # longest sequence (local attention, workspace rows); None: max_tokens
+    reference_model: bool = False  # algorithm.kl_coef > 0: the frozen starting model, in the same layout
 
     def validate(self) -> "PlanInput":
         self.model.validate().check_layout(self.layout)
@@ -246,9 +248,12 @@ def layer_activations(p: PlanInput, layer: int) -> dict[str, float]:
     if local:
         longest = p.longest
         parts["rope"] = 4 * t * d * b  # cos and sin of q and k, per sequence
-        parts["core_attention"] = (t * nq * d * b + 2 * t * cp * nq * d * b  # q; repeated, gathered k, v
-                                   + t * longest * nq * (4 + (b if b != 4 else 0))  # fp32 softmax (+ cast)
-                                   + t * longest)  # the causal mask (bool)
+        if cp == 1:  # torch's fused causal attention: q, repeated k, v and the fp32 log-sum-exp
+            parts["core_attention"] = 3 * t * nq * d * b + 4 * t * nq
+        else:
+            parts["core_attention"] = (t * nq * d * b + 2 * t * cp * nq * d * b  # q; repeated, gathered k, v
+                                       + t * longest * nq * (4 + (b if b != 4 else 0))  # fp32 softmax (+ cast)
+                                       + t * longest)  # the causal mask (bool)
         parts["attention_out"] = t * nq * d * b
     else:
         parts["rope_out"] = t * (nq + nkv) * d * b
@@ -338,10 +343,11 @@ class RankPlan:
     logprob_parts: dict[str, float] = field(default_factory=dict)
     embedding_grad: float = 0.0
     first_layer_end: float = 0.0  # the "embedding" moment of step_phases
+    reference_parameters: float = 0.0  # the KL term's reference model (parameters only)
 
     @property
     def state(self) -> float:
-        return self.parameters + self.gradients + self.optimizer
+        return self.parameters + self.gradients + self.optimizer + self.reference_parameters
 
     @property
     def step_phases(self) -> dict[str, float]:
@@ -414,7 +420,7 @@ def rank_plan(p: PlanInput, pp_rank: int) -> RankPlan:
         micro_batches_in_flight=flight, activations=flight * per_mb, activations_per_micro_batch=per_mb,
         activation_parts=parts, recompute_working_set=working, layer_transient=transient,
         logprob_path=sum(logprob.values()), logprob_parts=logprob, embedding_grad=embedding_grad,
-        first_layer_end=first_layer_end)
+        first_layer_end=first_layer_end, reference_parameters=(n_dense + n_expert) * b if p.reference_model else 0.0)
 
 
 @dataclass
@@ -496,6 +502,10 @@ def format_plan(plan: Plan, nodes: int | None = None, gpus_per_node: int | None 
         ("optimizer (Adam m, v" + (" + fp32 master" if p.bytes != 4 else "") + "; "
          + (f"sharded: dense / {lay.data_parallel * lay.cp}, experts / {edp})" if p.distributed_optimizer
             else "not sharded)"), w.optimizer),
+    ]
+    if p.reference_model:
+        rows.append(("reference model for the KL term (parameters)", w.reference_parameters))
+    rows += [
         (f"activations ({len(w.layers)} layer {'inputs' if p.recompute == 'full' else 'sets'}, "
          f"{flight:g} micro-batch{'es' if flight != 1 else ''} in flight)", w.activations),
     ]
@@ -528,7 +538,7 @@ def format_plan(plan: Plan, nodes: int | None = None, gpus_per_node: int | None 
     lines += [f"  {name.ljust(width)}{_gib(value)}" for name, value in rows]
     lines += [
         f"  {'peak'.ljust(width)}{_gib(w.peak)}",
-        f"    = parameters + gradients + optimizer + {phase_rule}",
+        f"    = parameters + gradients + optimizer{' + reference model' if p.reference_model else ''} + {phase_rule}",
     ]
     if lay.pp > 1:
         lines.append("  peak per pipeline rank: " + ", ".join(f"{r.pp_rank}: {r.peak / GIB:.2f}"
@@ -568,6 +578,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distributed-optimizer", action="store_true",
                         help="Adam state and master weights sharded over data parallelism")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none")
+    parser.add_argument("--kl-reference", action="store_true",
+                        help="algorithm.kl_coef > 0: count the frozen reference model's parameters too")
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="micro-batches per step and data-parallel rank (default: enough to fill the pipeline)")
     parser.add_argument("--spec", choices=SPECS, default="te",
@@ -593,7 +605,8 @@ def plan_from_args(args) -> Plan:
     layout = layout_for(args.layout, args.nodes * args.gpus_per_node)
     p = PlanInput(model=model, layout=layout, max_tokens=args.max_tokens, params_dtype=args.params_dtype,
                   distributed_optimizer=args.distributed_optimizer, recompute=args.recompute,
-                  micro_batches=args.micro_batches, spec=args.spec, sequence_length=args.sequence_length)
+                  micro_batches=args.micro_batches, spec=args.spec, sequence_length=args.sequence_length,
+                  reference_model=args.kl_reference)
     return make_plan(p, args.gpu_memory_gib, args.reserve_gib, args.fragmentation)
 
 

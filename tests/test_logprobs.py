@@ -32,6 +32,33 @@ def test_single_shard_matches_log_softmax(chunk, temperature):
     assert logp.dtype == torch.float32 and not entropy.requires_grad
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_gradient_matches_autograd_of_the_full_softmax(inplace, temperature):
+    """entropy_grad: d(sum a H + b log p)/d logits as autograd of log_softmax gives it, also where
+    probabilities underflow to 0 (logits of +-80)."""
+    gen = torch.Generator().manual_seed(5)
+    base = 3 * torch.randn(11, 97, generator=gen)
+    base[3, :40] = -80.0  # exp underflows in fp32: p log p must stay 0, not NaN
+    base[7, 5] = 80.0
+    rows, targets = torch.tensor([0, 2, 3, 7, 10]), torch.randint(0, 97, (5,), generator=gen)
+    a, b = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    leaf = base.clone().requires_grad_(True)
+    logp, entropy = vocab_parallel_logprobs(leaf * 1.0, rows, targets, temperature=temperature, chunk_tokens=2,
+                                            inplace_grad=inplace, entropy_grad=True)
+    (grad,) = torch.autograd.grad((a * entropy + b * logp).sum(), leaf)
+    ref = base.double().requires_grad_(True)
+    ref_logp, ref_entropy = (torch.log_softmax(ref[rows] / temperature, -1).gather(1, targets.unsqueeze(1)).squeeze(1),
+                             -(torch.special.xlogy(torch.softmax(ref[rows] / temperature, -1),
+                                                   torch.softmax(ref[rows] / temperature, -1))).sum(-1))
+    (ref_grad,) = torch.autograd.grad((a.double() * ref_entropy + b.double() * ref_logp).sum(), ref)
+    assert torch.isfinite(grad).all() and entropy.requires_grad
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    # without entropy_grad the entropy stays detached and only log p has a gradient
+    logp, entropy = vocab_parallel_logprobs(base.clone().requires_grad_(True), rows, targets)
+    assert not entropy.requires_grad
+
+
 def test_bf16_logits_compute_in_fp32_and_return_bf16_grad():
     gen = torch.Generator().manual_seed(1)
     logits32 = torch.randn(6, 50, generator=gen)

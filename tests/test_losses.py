@@ -166,3 +166,44 @@ def test_config_errors_name_the_setting():
     logp, old, _, seq_index = make_tokens()
     with pytest.raises(ValueError, match="engine's per-token log-probs"):
         ours(LossConfig(name="grpo", correction="tis"), logp, old, None, seq_index)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators_and_their_gradients(estimator):
+    """k1 = rho, k2 = rho^2 / 2, k3 = exp(-rho) - 1 + rho (rho = log pi - log ref); each is >= 0 in
+    expectation and k2, k3 >= 0 per token; gradients by autograd of the plain formulas."""
+    gen = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(9, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    ref = -torch.rand(9, generator=gen, dtype=torch.float64)
+    rho = logp - ref
+    plain = {"k1": rho, "k2": 0.5 * rho ** 2, "k3": torch.exp(-rho) - 1 + rho}[estimator]
+    got = losses.per_token_kl(logp, ref, estimator)
+    torch.testing.assert_close(got, plain)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), logp)[0], torch.autograd.grad(plain.sum(), logp)[0])
+    if estimator != "k1":
+        assert (got >= 0).all()
+    with pytest.raises(ValueError, match="unknown kl_estimator 'k4'"):
+        losses.per_token_kl(logp, ref, "k4")
+
+
+def test_regularizer_needs_its_inputs_and_untrained_sequences_are_not_counted():
+    tokens = TokenBatch(logp=torch.tensor([-1.0, -2.0, -0.5], requires_grad=True), old_logp=torch.zeros(3),
+                        engine_logp=None, mask=torch.tensor([1.0, 1.0, 0.0]), seq_index=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="needs the reference policy's per-token log-probs"):
+        losses.regularizer(tokens, None, LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="needs the token entropy with its gradient"):
+        losses.regularizer(tokens, torch.ones(3), LossConfig(entropy_coef=0.1))
+    assert losses.regularizer(tokens, None, LossConfig()) == (None, {})
+    entropy = torch.tensor([0.3, 0.2, 0.9], requires_grad=True)
+    term, _ = losses.regularizer(tokens, entropy, LossConfig(entropy_coef=0.5))
+    torch.testing.assert_close(term, -0.5 * entropy)
+    # sequence 1 has no token in the loss: not a sequence of the normaliser, and a micro-batch
+    # with nothing trained is no mean of its own under the legacy aggregation
+    stats = sequence_statistics(tokens, torch.tensor([1.0, -1.0]), 2, LossConfig(), None)
+    assert stats.token_count.tolist() == [2.0, 0.0]
+    _, n_seq = losses.aggregate(torch.ones(3), torch.ones(3), tokens, stats, "seq_mean_token_sum", True)
+    assert float(n_seq) == 1.0
+    nothing = TokenBatch(tokens.logp, tokens.old_logp, None, torch.zeros(3), tokens.seq_index)
+    empty = sequence_statistics(nothing, torch.tensor([1.0, -1.0]), 2, LossConfig(), None)
+    total, normaliser = losses.aggregate(torch.ones(3), torch.ones(3), nothing, empty, "legacy_microbatch_token_mean", True)
+    assert float(total) == 0.0 and float(normaliser) == 0.0

@@ -65,6 +65,23 @@ def test_token_corrections_and_sequence_mean_under_cp(tmp_path):
     assert_all_ok(proc, report, expected_rows=4)
 
 
+def test_kl_entropy_and_untrained_samples_in_every_layout(tmp_path):
+    """The KL penalty (k3 and k1) and the entropy bonus in the hook, with 3 of 16 samples not
+    trained (algorithm.mask_truncated): every layout against the reference, which computes the
+    entropy of the whole softmax in fp64; the untrained samples' tokens are not counted."""
+    terms = ["--kl-coef", "0.1", "--entropy-coef", "0.01", "--untrained", "3", "--formats", "packed"]
+    proc, report = run_parity(tmp_path, "--layouts", "dp2,tp2,pp2,cp2,ep2", "--losses", "vespo,grpo", *terms)
+    assert_all_ok(proc, report, expected_rows=5 * 2)
+    assert all(row["metrics"]["kl_ref/k3"] > 0 for row in report["rows"])
+    proc, k1 = run_parity(tmp_path, "--layouts", "tp2", "--losses", "vespo", "--kl-estimator", "k1", *terms)
+    assert_all_ok(proc, k1, expected_rows=1)
+    # the terms change the loss: the same batch without them
+    proc, plain = run_parity(tmp_path, "--layouts", "tp2", "--losses", "vespo", "--formats", "packed")
+    assert_all_ok(proc, plain, expected_rows=1)
+    with_terms = next(r for r in report["rows"] if r["layout"].startswith("tp2") and r["loss"] == "vespo")
+    assert len({round(r["ref_loss"], 6) for r in (with_terms, k1["rows"][0], plain["rows"][0])}) == 3
+
+
 def test_bypass_mode(tmp_path):
     proc, report = run_parity(tmp_path, "--layouts", "pp2", "--losses", "vespo,grpo", "--bypass",
                               "--formats", "packed")

@@ -3,6 +3,8 @@ worked example; the slow test compares one layout with a real CPU training step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import shlex
@@ -95,6 +97,16 @@ def test_qwen3_30b_as_in_the_doc():
     assert p.activations == 48 * 8192 * 2048 * 2 + 2 * 8192 * 2048 * 2
     assert p.logprob_parts["logits"] == 16384 * 75968 * 2
     assert p.peak_phase == "loss" and round(p.peak / GIB, 2) == 24.22
+
+
+def test_the_kl_terms_reference_model_adds_its_parameters():
+    m = qwen3_30b()
+    layout = Layout.for_world(64, tp=2, ep=8)
+    base = PlanInput(model=m, layout=layout, max_tokens=16384, distributed_optimizer=True, recompute="full")
+    plain = make_plan(base).worst
+    with_ref = make_plan(dataclasses.replace(base, reference_model=True)).worst
+    assert with_ref.reference_parameters == plain.parameters == 2 * 2_588_882_944
+    assert with_ref.peak - plain.peak == plain.parameters  # frozen: no gradients, no optimizer state
 
 
 # -- gradients and optimizer ----------------------------------------------------------------------

@@ -150,14 +150,15 @@ def test_a_tight_budget_packs_exactly():
     assert len(plan[0]) == 3
 
 
-def test_an_empty_micro_batch_would_break_legacy_aggregation():
-    """Why the plan never leaves a micro-batch empty (build_micro_batch refuses one, too): under
-    legacy_microbatch_token_mean it would be 0/0 and still count in Megatron's normaliser."""
+def test_an_empty_micro_batch_is_no_mean_of_the_legacy_aggregation():
+    """The plan never leaves a micro-batch empty (build_micro_batch refuses one, too); a micro-batch
+    with no token in the loss (every sample untrained) adds 0 and does not count in Megatron's
+    normaliser under legacy_microbatch_token_mean, instead of 0/0."""
     empty = torch.zeros(0)
     tokens = losses.TokenBatch(empty, empty, None, empty, torch.zeros(0, dtype=torch.long))
     stats = losses.SequenceStats(empty, empty, empty, empty)
     loss, normaliser = losses.aggregate(empty, empty, tokens, stats, "legacy_microbatch_token_mean", True)
-    assert math.isnan(float(loss)) and float(normaliser) == 1.0
+    assert float(loss) == 0.0 and float(normaliser) == 0.0
     with pytest.raises(ValueError, match="at least one sample"):
         build_micro_batch([], "packed")
 

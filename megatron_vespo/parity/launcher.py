@@ -27,6 +27,10 @@ def _worker_arguments(layout: Layout, args, json_out: str) -> list[str]:
         "--aggregation", args.aggregation,
         "--temperature", str(args.temperature),
         "--dispatcher", args.dispatcher,
+        "--kl-coef", str(args.kl_coef),
+        "--kl-estimator", args.kl_estimator,
+        "--entropy-coef", str(args.entropy_coef),
+        "--untrained", str(args.untrained),
         "--json-out", json_out,
     ]
     if args.bypass:
@@ -51,7 +55,10 @@ def validate_request(args) -> list[Layout]:
         model.check_layout(layout)
     for name in args.losses.split(","):
         LossConfig(name=name, correction=args.correction, aggregation=args.aggregation,
-                   temperature=args.temperature, bypass=args.bypass).validate()
+                   temperature=args.temperature, bypass=args.bypass, kl_coef=args.kl_coef,
+                   kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef).validate()
+    if not 0 <= args.untrained < args.samples:
+        raise ValueError(f"--untrained {args.untrained}: give 0 to {args.samples - 1} (of --samples {args.samples})")
     if args.dispatcher == "allgather" and any(layout.pp > 1 for layout in layouts):
         raise ValueError("the allgather dispatcher rejects variable sequence lengths, which PP > 1 "
                          "uses here; choose --dispatcher alltoall for pipeline layouts")
@@ -180,6 +187,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--aggregation", default="token_mean")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--bypass", action="store_true", help="pi_old := engine log-probs")
+    parser.add_argument("--kl-coef", type=float, default=0.0,
+                        help="KL penalty to a reference policy (the samples carry reference log-probs)")
+    parser.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"])
+    parser.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus")
+    parser.add_argument("--untrained", type=int, default=0,
+                        help="this many samples are not trained (as algorithm.mask_truncated makes them)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help=f"relative; default by device and spec: {TOLERANCES} (see TOLERANCES in parity/launcher.py)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"],

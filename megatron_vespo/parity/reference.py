@@ -128,11 +128,17 @@ class ReferenceMoE:
         x = _rms_norm(x, w["model.norm.weight"], m.rms_norm_eps)
         return x @ w["lm_head.weight"].T
 
-    def response_logprobs(self, sample: Sample, temperature: float = 1.0, routes=None) -> torch.Tensor:
+    def response_logprobs(self, sample: Sample, temperature: float = 1.0, routes=None,
+                          with_entropy: bool = False):
+        """log p of the response tokens ([response_len]); with ``with_entropy`` also each
+        position's entropy of the whole softmax."""
         logits = self.forward(sample.tokens, routes=routes)
         logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
         positions = torch.arange(sample.prompt_len - 1, sample.tokens.numel() - 1)
-        return logp[positions, sample.tokens[positions + 1]]
+        picked = logp[positions, sample.tokens[positions + 1]]
+        if not with_entropy:
+            return picked
+        return picked, -torch.special.xlogy(logp[positions].exp(), logp[positions].exp()).sum(-1)
 
 
 def reference_loss(model: ReferenceMoE, samples: list[Sample], micro_batches: list[list[int]],
@@ -141,21 +147,28 @@ def reference_loss(model: ReferenceMoE, samples: list[Sample], micro_batches: li
     ``routes[sample id]`` ([L, layers, top_k]) forces the experts (routing replay)."""
     total, normaliser = 0.0, 0.0
     for ids in micro_batches:
-        logps, olds, engines, seq_index = [], [], [], []
+        logps, entropies, olds, engines, refs, masks, seq_index = [], [], [], [], [], [], []
         for j, sid in enumerate(ids):
             s = samples[sid]
-            logps.append(model.response_logprobs(s, cfg.temperature, None if routes is None else routes[sid]))
+            logp_j, entropy_j = model.response_logprobs(s, cfg.temperature, None if routes is None else routes[sid],
+                                                        with_entropy=True)
+            logps.append(logp_j)
+            entropies.append(entropy_j)
             olds.append(s.old_logprobs if s.old_logprobs is not None else s.engine_logprobs)
             engines.append(s.engine_logprobs)
+            refs.append(s.ref_logprobs)
+            masks.append(torch.full((s.response_len,), 1.0 if s.trained else 0.0))
             seq_index.append(torch.full((s.response_len,), j, dtype=torch.long))
         logp = torch.cat(logps)
         engine = None if any(e is None for e in engines) else torch.cat(engines).to(logp.dtype)
+        ref = None if any(r is None for r in refs) else torch.cat(refs).to(logp.dtype)
         old = torch.cat(olds).to(logp.dtype)
         if cfg.bypass:
             old, engine = engine, None
-        tokens = TokenBatch(logp, old, engine, torch.ones_like(logp), torch.cat(seq_index))
+        mask = torch.cat(masks).to(logp.dtype)
+        tokens = TokenBatch(logp, old, engine, mask, torch.cat(seq_index), ref)
         adv = torch.tensor([float(samples[sid].advantage) for sid in ids], dtype=logp.dtype)
-        per_seq = lambda v: torch.zeros(len(ids), dtype=logp.dtype).index_add(0, tokens.seq_index, v.to(logp.dtype))  # noqa: E731
+        per_seq = lambda v: torch.zeros(len(ids), dtype=logp.dtype).index_add(0, tokens.seq_index, v.to(logp.dtype) * mask)  # noqa: E731
         extras = losses.sequence_sums_for(cfg, tokens, adv[tokens.seq_index])
         stats = SequenceStats(
             log_ratio_sum=per_seq(tokens.token_log_ratio().detach()),
@@ -166,6 +179,10 @@ def reference_loss(model: ReferenceMoE, samples: list[Sample], micro_batches: li
         )
         out, weights, _ = losses.compute_loss(stats, tokens, cfg)
         loss_sum, count = losses.aggregate(out.per_token_loss, weights, tokens, stats, cfg.aggregation, True)
+        extra, _ = losses.regularizer(tokens, torch.cat(entropies), cfg)
+        if extra is not None:
+            loss_sum = loss_sum + losses.aggregate(extra, torch.ones_like(extra), tokens, stats, cfg.aggregation,
+                                                   True)[0]
         total = total + loss_sum
         normaliser += float(count)
     return total / normaliser

@@ -135,6 +135,7 @@ class ReferenceTrainer:
     def __init__(self, m: MoEModelConfig, initial: dict[str, torch.Tensor], loss_cfg, mode: str):
         self.m, self.loss_cfg, self.mode = m, loss_cfg, mode
         self.params = {k: v.double().clone() for k, v in initial.items()}
+        self.initial = {k: v.double() for k, v in initial.items()}  # the KL term's reference policy
         self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.t = 0
@@ -161,6 +162,10 @@ class ReferenceTrainer:
             for i, s in enumerate(samples):
                 s.old_logprobs = model.response_logprobs(s, self.loss_cfg.temperature,
                                                          None if routes is None else routes[i])
+            if self.loss_cfg.kl_coef > 0:
+                start = ReferenceMoE(self.m, self.initial)
+                for s in samples:
+                    s.ref_logprobs = start.response_logprobs(s, self.loss_cfg.temperature)
         size = len(samples) // STALENESS  # grouped mini-batches: contiguous blocks in order
         for start in range(0, len(samples), size):
             self.step(samples, list(range(start, start + size)), routes)
@@ -404,7 +409,7 @@ def run(args) -> dict | None:
     references, batches = None, None
     if rank == 0:
         batches = fixed_batches(m, ReferenceMoE(m, initial))
-        loss_cfg = train_config(args.work, hf_dir, "none", Layout()).validate().algorithm.loss
+        loss_cfg = train_config(args.work, hf_dir, "none", Layout(), extra=tuple(args.override)).validate().algorithm.loss
         references = {}
         for mode in args.modes.split(","):
             reference = ReferenceTrainer(m, initial, loss_cfg, mode)

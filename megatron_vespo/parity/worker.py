@@ -35,9 +35,10 @@ def tiny_model_config() -> MoEModelConfig:
     )
 
 
-def make_samples(ref: ReferenceMoE, n: int, seed: int) -> list[Sample]:
-    """Uneven prompt/response lengths, advantages of both signs, and a non-trivial pi_old and
-    engine log-probs around the current policy (half the sequences nearly on-policy)."""
+def make_samples(ref: ReferenceMoE, n: int, seed: int, untrained: int = 0) -> list[Sample]:
+    """Uneven prompt/response lengths, advantages of both signs, and a non-trivial pi_old, engine
+    and reference-policy log-probs around the current policy (half the sequences nearly
+    on-policy); the last ``untrained`` samples are not trained (Sample.trained)."""
     gen = torch.Generator().manual_seed(seed + 1)
     m = ref.m
     samples = []
@@ -55,6 +56,12 @@ def make_samples(ref: ReferenceMoE, n: int, seed: int) -> list[Sample]:
             old = current + scale * torch.randn(current.shape, generator=gen)
             s.old_logprobs = old.clamp(max=0.0)
             s.engine_logprobs = (old + 0.1 * torch.randn(current.shape, generator=gen)).clamp(max=0.0)
+    # drawn after the others, so the other inputs are those of earlier reports
+    with torch.no_grad():
+        for s in samples:
+            s.ref_logprobs = (ref.response_logprobs(s) + 0.2 * torch.randn(s.response_len, generator=gen)).clamp(max=0.0)
+    for s in samples[n - untrained:] if untrained else []:
+        s.trained = False
     return samples
 
 
@@ -149,7 +156,8 @@ def run(args) -> dict | None:
     rank = torch.distributed.get_rank()
     samples = None
     if rank == 0:
-        samples = make_samples(ReferenceMoE(m, init_hf_state(m, args.seed)), args.samples, args.seed)
+        samples = make_samples(ReferenceMoE(m, init_hf_state(m, args.seed)), args.samples, args.seed,
+                               args.untrained)
         validate_samples(samples, m.vocab_size, need_engine=True)
     samples = comm.broadcast_object(samples)
 
@@ -170,7 +178,8 @@ def run(args) -> dict | None:
         local = [slice_for_cp(build(ids, pad_to), cp, cp_rank) for ids in plan[ps.get_data_parallel_rank()]]
         for loss_name in args.losses.split(","):
             cfg = LossConfig(name=loss_name, correction=args.correction, aggregation=args.aggregation,
-                             temperature=args.temperature, bypass=args.bypass).validate()
+                             temperature=args.temperature, bypass=args.bypass, kl_coef=args.kl_coef,
+                             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef).validate()
             ddp.zero_grad_buffer()
             counted = {tag: comm.COUNTER[tag] for tag in (TP_TAG, CP_TAG)}
             start = time.perf_counter()
@@ -201,7 +210,7 @@ def run(args) -> dict | None:
                     loss_rel_diff=abs(metrics["policy_loss"] - ref_loss) / max(abs(ref_loss), 1e-12),
                     grad_rel_diff=worst_all[0], worst_param=f"rank{worst_all[2]}:{worst_all[1]}",
                     step_seconds=step_s, metrics=metrics, batch_sequences=len(samples),
-                    batch_response_tokens=sum(s.response_len for s in samples),
+                    batch_response_tokens=sum(s.response_len for s in samples if s.trained),
                     hook_collectives_per_microbatch={
                         "tp_logprobs_all_gather": max(c[TP_TAG] for c in calls),
                         "cp_sequence_stats_all_reduce": max(c[CP_TAG] for c in calls),
@@ -224,6 +233,10 @@ def main(argv=None) -> int:
     parser.add_argument("--aggregation", default="token_mean")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--bypass", action="store_true")
+    parser.add_argument("--kl-coef", type=float, default=0.0)
+    parser.add_argument("--kl-estimator", default="k3")
+    parser.add_argument("--entropy-coef", type=float, default=0.0)
+    parser.add_argument("--untrained", type=int, default=0)
     parser.add_argument("--negative-control", action="store_true")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "allgather"])

@@ -30,9 +30,11 @@ from megatron_vespo.train.grad_norms import gradient_norms
 
 
 class Policy:
-    def __init__(self, cfg, layout: Layout, trainable: bool = True):
+    def __init__(self, cfg, layout: Layout, trainable: bool = True, reuse_process_groups: bool = False):
         """``trainable=False``: the model alone (no DDP grad buffers, optimizer or scheduler), for
-        scoring studies that only run forwards."""
+        scoring studies that only run forwards and the KL term's reference model.
+        ``reuse_process_groups``: a second model of the same layout in this process keeps the
+        groups the first made (re-creating them would strand the first's)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -44,7 +46,8 @@ class Policy:
         from megatron_vespo.mcore.weights import SafetensorsSource, ShardContext, check_embedding_rows, load_hf_state
 
         self.cfg, self.layout = cfg, layout
-        initialize_model_parallel(layout, seed=cfg.run.seed)
+        if not reuse_process_groups:
+            initialize_model_parallel(layout, seed=cfg.run.seed)
         self.hf_config, self.model_cfg = load_model_config(cfg.model.hf_dir)
         self.model_cfg.check_layout(layout)
         dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
@@ -248,6 +251,11 @@ class Policy:
                              "R2: those logprobs(record=True) returned)")
         mode = "replay" if routes is not None else None
         self._check_replay(mode, routes, len(samples))
+        if not any(samples[i].trained for i in ids):
+            # nothing to learn from (every response masked): the loss would be 0 / 0. The schedule
+            # still advances, so a step keeps its learning rate whatever was masked.
+            self.scheduler.step(increment=1)
+            return {"update_skipped": 1.0, "lr": float(self.optimizer.param_groups[0]["lr"])}
         micro_batches, _ = self._micro_batches(samples, ids, self._num_microbatches(len(ids)))
         for chunk in self.models:
             chunk.zero_grad_buffer()
@@ -277,6 +285,10 @@ class Policy:
     def validate(self, samples: list[Sample]) -> None:
         validate_samples(samples, self.model_cfg.vocab_size, need_old=not self.loss_cfg.bypass,
                          need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none")
+        missing = [i for i, s in enumerate(samples) if s.ref_logprobs is None]
+        if self.loss_cfg.kl_coef > 0 and missing:
+            raise ValueError(f"sample {missing[0]}: ref_logprobs missing (the KL term, algorithm.kl_coef > 0, needs "
+                             "the reference policy's log-probs)")
 
     # -- checkpoints ----------------------------------------------------------------------------
 
