@@ -65,6 +65,21 @@ def main(argv=None) -> int:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=demo.main)
 
+    from megatron_vespo.train import evaluation
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate one model on the config's held-out sets: avg@n and pass@k per set",
+        description="Generate eval.n samples of every prompt of the config's eval sets (eval.sets prompt files, "
+                    "or eval.synthetic_prompts held-out synthetic prompts) with the local engine or the "
+                    "configured SGLang servers, score them with data.reward and print avg@n, pass@k (the "
+                    "unbiased estimator) and the response length per set; --json-out also writes them. The "
+                    "sampling seeds are the training run's, so a trainer checkpoint gives what the run logged "
+                    "at its step (up to the engine's batching in bf16).",
+    )
+    evaluation.add_arguments(evaluate)
+    evaluate.set_defaults(func=evaluation.main)
+
     from megatron_vespo.train import mismatch_study
 
     study = sub.add_parser(

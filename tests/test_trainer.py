@@ -52,8 +52,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["algorithm.staleness=3", "rollout.prompts_per_batch=8", "rollout.group_size=8"]).validate()
     with pytest.raises(ValueError, match="run.save_every = 3 must be a multiple of algorithm.staleness = 2"):
         load_config(CONFIG, ["run.save_every=3", "algorithm.staleness=2"]).validate()
-    with pytest.raises(ValueError, match="algorithm.kl_coef = 0.1: a KL penalty to a reference policy is not"):
-        load_config(CONFIG, ["algorithm.kl_coef=0.1"]).validate()
+    with pytest.raises(ValueError, match="algorithm.kl_coef = 0.1 with algorithm.routing_replay = r3: the reference"):
+        load_config(CONFIG, ["algorithm.kl_coef=0.1", "algorithm.routing_replay=r3"]).validate()
+    with pytest.raises(ValueError, match=r"algorithm.kl_estimator = 'k4'; choose one of \['k1', 'k2', 'k3'\]"):
+        load_config(CONFIG, ["algorithm.kl_estimator=k4"]).validate()
+    assert load_config(CONFIG, ["algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01"]).validate().algorithm.loss \
+        .kl_coef == 0.1
     with pytest.raises(ValueError, match="rollout.weight_sync = 'ncl'"):
         load_config(CONFIG, ["rollout.weight_sync=ncl"]).validate()
     with pytest.raises(ValueError, match="optimizer.lr must be a number"):

@@ -60,6 +60,14 @@ def test_trainer_path_with_a_token_budget(layout, tmp_path):
         assert any(len(set(rank)) > 1 for r in steps for rank in r["micro_batch_widths"])
 
 
+def test_trainer_path_with_a_kl_term_and_an_entropy_bonus(tmp_path):
+    """algorithm.kl_coef (k3, to the starting model, scored by the trainer's frozen reference
+    Policy at tp2) and algorithm.entropy_coef (its gradient vocab-parallel), fresh and resumed."""
+    rows = run_check("tp2", tmp_path, "--modes", "none", "--override", "algorithm.kl_coef=0.2",
+                     "--override", "algorithm.entropy_coef=0.02")
+    assert_matches("tp2 kl + entropy", rows, ("none",))
+
+
 def assert_matches(layout, rows, modes):
     for mode in modes:
         steps = [r for r in rows if r["mode"] == mode and r["event"] == "optimizer_step"]

@@ -98,7 +98,8 @@ again once the data-parallel size is known); each violation is a `ValueError` na
 * **Pairs.** `data.synthetic_min_digits` <= `data.synthetic_max_digits`, and `optimizer.min_lr` <=
   `optimizer.lr` (the cosine decays from `lr` to `min_lr`). `data.task: synthetic` needs
   `data.reward: synthetic` and a known `data.synthetic_task`; `data.task: file` needs
-  `data.reward: math`.
+  another reward (`math`, `math_full`, `code` or a function). `algorithm.overlong_buffer` < `rollout.max_new_tokens` (the overlong
+  penalty starts `max_new_tokens - overlong_buffer` tokens into a response; [DAPO.md](DAPO.md)).
 * **Batches divide.** The rollout batch is `rollout.prompts_per_batch x rollout.group_size`
   samples; `algorithm.staleness` (N) must divide it, giving mini-batches of rollout batch / N
   samples (one optimizer step each). The mini-batch must divide over the data-parallel ranks, and
@@ -114,7 +115,15 @@ again once the data-parallel size is known); each violation is a `ValueError` na
   the trainer starts).
 * **Checkpoints.** `run.save_every`, when not 0, must be a multiple of `algorithm.staleness`:
   checkpoints are taken between rollout batches.
-* **Not implemented.** `algorithm.kl_coef` must be 0 (there is no KL penalty to a reference policy).
+* **KL and entropy.** `algorithm.kl_coef` > 0 builds the reference model (the starting
+  checkpoint, frozen, in the training layout) and needs `algorithm.routing_replay: none` (the
+  reference's routes are not replayed); `algorithm.kl_estimator` is `k1`, `k2` or `k3`.
+  `algorithm.entropy_coef` > 0 adds the entropy bonus. Both are aggregated with the policy loss
+  (same normaliser, no TIS/MIS weights) and copied into `algorithm.loss` by `validate`.
+* **Rewards.** `data.reward` is `synthetic`, `math`, `math_full`, `code` or `package.module:function`; with
+  `data.task: file` any but `synthetic` ([REWARDS.md](REWARDS.md)).
+* **Evaluation.** `eval.sets` (prompt files) need `data.task: file`, `eval.synthetic_prompts`
+  need `data.task: synthetic`; every k of `eval.pass_k` lies in 1..`eval.n` ([EVAL.md](EVAL.md)).
 * **Routing agreement.** `algorithm.routing_agreement: true` needs `algorithm.routing_replay: r2`
   (it compares the engine's routes with those R2 records).
 * **Bypass.** `algorithm.pi_old: bypass` takes the engine's log-probs as pi_old, so the mismatch
@@ -338,6 +347,12 @@ def _resolve_default(src: Source, value: ast.AST | None):
                 if factory in src.imported_classes:
                     return None, "", (factory, src.imported_classes[factory])
                 return Unresolved(factory + "()"), factory + "()", None
+            if kw.arg == "default_factory" and isinstance(kw.value, ast.Lambda):  # lambda: [1]
+                try:
+                    literal = ast.literal_eval(kw.value.body)
+                except ValueError:
+                    break
+                return literal, src.segment(kw.value.body), None
             if kw.arg == "default":
                 return _resolve_default(src, kw.value)
         return Unresolved(src.segment(value)), src.segment(value), None

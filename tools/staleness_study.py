@@ -357,6 +357,7 @@ def analyse_run(item: dict, k: int, final_eval: bool) -> dict:
     """Per-run statistics from metrics.jsonl."""
     with open(os.path.join(item["run_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "rollout/batch" in r]  # training steps; held-out eval rows have their own
     train_steps = k * item["n"]
     train = [r for r in rows if r["step"] <= train_steps]
     by_batch: dict[int, float] = {}

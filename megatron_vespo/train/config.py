@@ -43,7 +43,12 @@ class DataSection:
     prompts_file: str = ""  # .jsonl or .parquet for task=file
     prompt_key: str = "prompt"  # column holding the prompt (string or chat messages; dotted for struct columns)
     answer_key: str = "answer"  # column holding the reference answer (string)
-    reward: str = "synthetic"  # synthetic | math
+    # synthetic | math (math-verify on the last \boxed{}) | math_full (math-verify over the whole
+    # response, the paper's reference) | code (tasks.code_reward on the prompt's tests) | package.module:function
+    # (any callable reward(response_text, prompt_text, metadata) -> float; see train/rewards.py)
+    reward: str = "synthetic"
+    reward_timeout_s: float = 30.0  # a reward call that runs longer scores 0 and is counted (reward/timeouts)
+    tests_key: str = "tests"  # code reward: column holding the tests (list of {"input", "output"})
     max_prompt_tokens: int = 512  # longer prompts are skipped (counted and warned about)
     apply_chat_template: bool = False  # plain-string prompts through the tokenizer's chat template
     seed: int = 1  # seeds the prompt stream's epoch shuffles
@@ -100,7 +105,20 @@ class AlgorithmSection:
     routing_agreement: bool = False
     async_rollout: bool = False  # generate the next rollout batches while training (bounded by max_policy_lag)
     max_policy_lag: int = 1  # S: async mode, samples at most S weight versions old
-    kl_coef: float = 0.0  # a KL penalty to a reference policy is not implemented: must stay 0
+    # KL penalty to the reference policy (the starting model, frozen, scored in the same layout):
+    # kl_coef x the estimator per token, aggregated as the policy loss (0: no reference model)
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"  # k1: log(pi/ref) | k2: (log(pi/ref))^2 / 2 | k3: ref/pi - log(ref/pi) - 1
+    entropy_coef: float = 0.0  # entropy bonus: minus entropy_coef x the token entropy, aggregated as the loss
+    # DAPO dynamic sampling: drop groups whose rewards are all equal (no advantage) and generate
+    # more prompts until the rollout batch is full, at most filter_max_rounds extra rounds
+    filter_groups: bool = False
+    filter_max_rounds: int = 10  # extra generation rounds per rollout batch before giving up (an error)
+    # DAPO overlong reward shaping: a response longer than rollout.max_new_tokens - overlong_buffer
+    # loses overlong_penalty_factor x (excess / overlong_buffer), at most the factor (0: off)
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0  # the penalty at rollout.max_new_tokens
+    mask_truncated: bool = False  # responses cut at rollout.max_new_tokens add no gradient (DAPO overlong filtering)
 
 
 @dataclass
@@ -122,6 +140,23 @@ class OptimizerSection:
 
 
 @dataclass
+class EvalSection:
+    # rollout batches between evaluations (0: none during the run; start and end still as below)
+    every: int = 0
+    at_start: bool = True  # evaluate the starting model (when any set is given)
+    at_end: bool = True  # evaluate the final model
+    # held-out prompt files (.jsonl / .parquet as tools/prepare_data.py writes them, with
+    # data.prompt_key / data.answer_key); a set is named after its file (aime24.jsonl -> aime24)
+    sets: list = field(default_factory=list)
+    synthetic_prompts: int = 0  # data.task = synthetic: this many held-out prompts (a seed the training stream never uses)
+    n: int = 4  # samples per prompt: avg@n and pass@k (k <= n)
+    pass_k: list = field(default_factory=lambda: [1])  # k of pass@k (the unbiased estimator)
+    temperature: float = 1.0  # sampling temperature of the evaluation
+    top_p: float = 1.0  # nucleus sampling of the evaluation
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+
+
+@dataclass
 class RunSection:
     run_dir: str = "runs/run"  # metrics, plots, TensorBoard logs and checkpoints go here
     steps: int = 20  # optimizer steps in total
@@ -136,8 +171,7 @@ class RunSection:
 
 # The range of every numeric key, in interval notation (see megatron_vespo.ranges; docs/CONFIG.md
 # shows it in the key's row). TrainConfig.validate checks each; a value outside, NaN or an infinity
-# is an error naming the key. Not here: data.seed (any integer seeds the prompt stream) and
-# algorithm.kl_coef (must be 0, a rule of its own).
+# is an error naming the key. Not here: data.seed (any integer seeds the prompt stream).
 BOUNDS = {
     "model.tp": "[1, inf)",
     "model.pp": "[1, inf)",
@@ -166,6 +200,18 @@ BOUNDS = {
     "algorithm.max_tokens_per_micro_batch": "[0, inf)",  # 0: off
     "algorithm.advantage_eps": "(0, inf)",  # grpo divides by std + eps; a group of equal rewards has std 0
     "algorithm.max_policy_lag": "[1, inf)",
+    "algorithm.kl_coef": "[0, inf)",
+    "algorithm.entropy_coef": "[0, inf)",
+    "algorithm.filter_max_rounds": "[0, inf)",
+    "algorithm.overlong_buffer": "[0, inf)",  # 0: off
+    "algorithm.overlong_penalty_factor": "[0, inf)",
+    "data.reward_timeout_s": "(0, inf)",
+    "eval.every": "[0, inf)",  # 0: only at the start and the end
+    "eval.synthetic_prompts": "[0, inf)",
+    "eval.n": "[1, inf)",
+    "eval.temperature": "(0, inf)",
+    "eval.top_p": "(0, 1]",
+    "eval.max_new_tokens": "[0, inf)",  # 0: rollout.max_new_tokens
     "optimizer.lr": "(0, inf)",  # 0 trains nothing
     "optimizer.min_lr": "[0, inf)",
     "optimizer.warmup_steps": "[0, inf)",
@@ -188,6 +234,7 @@ class TrainConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     run: RunSection = field(default_factory=RunSection)
 
     @property
@@ -221,8 +268,8 @@ class TrainConfig:
                    "algorithm.mini_batch_order": (a.mini_batch_order, ("grouped", "shuffled")),
                    "algorithm.pi_old": (a.pi_old, ("recompute", "bypass")),
                    "algorithm.routing_replay": (a.routing_replay, ("none", "r2", "r3")),
-                   "data.task": (d.task, ("synthetic", "file")),
-                   "data.reward": (d.reward, ("synthetic", "math"))}
+                   "algorithm.kl_estimator": (a.kl_estimator, ("k1", "k2", "k3")),
+                   "data.task": (d.task, ("synthetic", "file"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} = {value!r}; choose one of {list(allowed)}")
@@ -245,10 +292,32 @@ class TrainConfig:
                              f"data.synthetic_max_digits = {d.synthetic_max_digits}")
         if d.task == "synthetic" and d.synthetic_task not in SYNTHETIC_TASKS:
             raise ValueError(f"data.synthetic_task = {d.synthetic_task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
-        if (d.task, d.reward) not in (("synthetic", "synthetic"), ("file", "math")):
-            needed = "synthetic" if d.task == "synthetic" else "math"
+        if d.reward not in ("synthetic", "math", "math_full", "code") and not _is_callable_path(d.reward):
+            raise ValueError(f"data.reward = {d.reward!r}; choose one of ['synthetic', 'math', 'math_full', 'code'] or name a "
+                             "function as package.module:function")
+        if (d.task == "synthetic") != (d.reward == "synthetic"):
+            needed = "synthetic" if d.task == "synthetic" else "math, code or package.module:function"
             raise ValueError(f"data.task = {d.task} needs data.reward = {needed} (got {d.reward!r}): synthetic "
                              "answers are token ids, file answers strings")
+        ev = self.eval
+        bad_k = [k for k in ev.pass_k if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ev.n]
+        if bad_k:
+            raise ValueError(f"eval.pass_k = {list(ev.pass_k)}: each k must be an integer from 1 to eval.n = {ev.n}")
+        if ev.synthetic_prompts and d.task != "synthetic":
+            raise ValueError(f"eval.synthetic_prompts = {ev.synthetic_prompts} needs data.task = synthetic; "
+                             "give held-out prompt files in eval.sets")
+        if ev.sets and d.task != "file":
+            raise ValueError("eval.sets are prompt files scored with data.reward; they need data.task = file "
+                             "(use eval.synthetic_prompts for the synthetic task)")
+        bad_sets = [f for f in ev.sets if not isinstance(f, str) or not f]
+        if bad_sets:
+            raise ValueError(f"eval.sets takes prompt file paths, got {bad_sets}")
+        if a.overlong_buffer >= r.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer = {a.overlong_buffer} must be below rollout.max_new_tokens = "
+                             f"{r.max_new_tokens}: the penalty starts max_new_tokens - overlong_buffer tokens in")
+        if a.kl_coef > 0 and a.routing_replay != "none":
+            raise ValueError(f"algorithm.kl_coef = {a.kl_coef} with algorithm.routing_replay = {a.routing_replay}: "
+                             "the reference model's routes are not replayed; use routing_replay = none with a KL term")
         wanted = [k for k in ("overlap_grad_reduce", "overlap_param_gather", "cpu_offload") if getattr(o, k)]
         if wanted and o.distributed is False:  # left null, the Policy checks it once dp is known
             raise ValueError(f"optimizer.{wanted[0]} needs the distributed optimizer; optimizer.distributed is false")
@@ -280,9 +349,6 @@ class TrainConfig:
         if a.micro_batch_size and per_rank % a.micro_batch_size:
             raise ValueError(f"algorithm.micro_batch_size = {a.micro_batch_size} does not divide the "
                              f"{per_rank} samples each data-parallel rank gets per mini-batch")
-        if a.kl_coef != 0.0:
-            raise ValueError(f"algorithm.kl_coef = {a.kl_coef}: a KL penalty to a reference policy is not "
-                             "implemented (the VESPO and DAPO recipes use none); set it to 0")
         if self.run.save_every and self.run.save_every % a.staleness:
             raise ValueError(f"run.save_every = {self.run.save_every} must be a multiple of algorithm.staleness = "
                              f"{a.staleness}: checkpoints are taken between rollout batches")
@@ -303,7 +369,9 @@ class TrainConfig:
         if d.task == "file" and not d.prompts_file:
             raise ValueError("data.task = file needs data.prompts_file (.jsonl or .parquet)")
         try:
-            a.loss = dataclasses.replace(a.loss, bypass=(a.pi_old == "bypass"), temperature=r.temperature).validate()
+            a.loss = dataclasses.replace(a.loss, bypass=(a.pi_old == "bypass"), temperature=r.temperature,
+                                         kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                                         entropy_coef=a.entropy_coef).validate()
         except ValueError as err:  # LossConfig names its fields; say which section they are in
             raise ValueError(f"algorithm.loss: {err}") from None
         return self
@@ -316,6 +384,12 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def _is_callable_path(text: str) -> bool:
+    """``package.module:function`` (dotted identifiers on both sides of one colon)."""
+    module, sep, name = text.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".") + name.split("."))
 
 
 def _coerce(value, annotation, key: str):

@@ -7,7 +7,9 @@
    all of it. Cached in the run's model directory (keyed by the settings below): a second run
    skips this.
 2. Train with the config (examples/configs/demo_cpu.yaml): Megatron-Core on gloo, the local engine
-   in bf16 (a real training-inference mismatch against the fp32 trainer), in-process weight sync.
+   in bf16 (a real training-inference mismatch against the fp32 trainer), in-process weight sync,
+   and every 25 rollout batches an evaluation on 64 held-out prompts (train/evaluation.py): the
+   held-out curve in the plot and a ``held-out eval:`` line in the summary.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ The loop, top to bottom (``Trainer.run``):
         N steps       the batch split into N mini-batches (staleness N), one optimizer step each,
                       through the loss hook; metrics per step -> metrics.jsonl, TensorBoard
         weight sync   Megatron -> engine as HF-named buckets; the engine's weight version advances
+        eval          every eval.every rollout batches (and at the start and the end): avg@n and
+                      pass@k on held-out prompts, a row of its own in metrics.jsonl (evaluation.py)
         checkpoint    at rollout-batch boundaries, every run.save_every optimizer steps
         stop          on SIGTERM/SIGINT or RUN_DIR/STOP: checkpoint at the batch boundary and exit
 
@@ -40,6 +42,7 @@ from megatron_vespo.batch import Sample
 from megatron_vespo.launcher import log
 from megatron_vespo.mismatch import routing_agreement
 from megatron_vespo.train.config import TrainConfig, load_config
+from megatron_vespo.train.dapo import keep_groups, mask_truncated, overlong_penalty
 from megatron_vespo.train.stop import StopRequest
 
 
@@ -48,10 +51,18 @@ from megatron_vespo.train.stop import StopRequest
 @dataclasses.dataclass
 class RolloutBatch:
     index: int  # rollout batch number
-    first_uid: int  # data position of its first prompt
+    first_uid: int  # data position of its first generated prompt
     samples: list  # RolloutSample, ordered by prompt then sample
-    rewards: list[float]
+    rewards: list[float]  # task reward plus the overlong penalty (algorithm.overlong_buffer)
     seconds: float
+    # where the data stream continues: dynamic sampling (algorithm.filter_groups) consumes more
+    # prompts than the batch keeps. None: first_uid + rollout.prompts_per_batch (nothing dropped)
+    next_uid: int | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)  # logged with every step of the batch
+
+    def continues_at(self, prompts_per_batch: int) -> int:
+        """The data position of the prompt after this batch's last one."""
+        return self.next_uid if self.next_uid is not None else self.first_uid + prompts_per_batch
 
 
 @dataclasses.dataclass
@@ -122,6 +133,10 @@ class Trainer:
         self.run_dir = cfg.run.run_dir
         self.policy = Policy(cfg, self.layout)
         cfg.validate(self.policy.dp_size)
+        # the KL term's reference: the starting model, frozen, in the same layout (its parameters
+        # again in memory; no gradients or optimizer state)
+        self.reference = Policy(cfg, self.layout, trainable=False, reuse_process_groups=True) \
+            if cfg.algorithm.kl_coef > 0 else None
         self.rank = torch.distributed.get_rank()
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
@@ -142,6 +157,7 @@ class Trainer:
         self.wandb = None
         self.history: list[dict] = []
         self._last_saved = None
+        self._eval_sets = None  # held-out evaluation sets, built on rank 0 by the first _evaluate_if_due
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -315,6 +331,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
+        self._evaluate_if_due("start")                                              # held-out eval
         total_batches = math.ceil(cfg.run.steps / cfg.algorithm.staleness)
         producer = None
         if cfg.algorithm.async_rollout and self.rank == 0:
@@ -336,8 +353,9 @@ class Trainer:
                         progress.update(1)
                         progress.set_postfix(reward=f"{np.mean(batch.rewards):.3f}")
                 self.batch_index += 1
-                self.data_pos = batch.first_uid + cfg.rollout.prompts_per_batch
+                self.data_pos = batch.continues_at(cfg.rollout.prompts_per_batch)
                 self._sync_weights()                                                 # weight sync
+                self._evaluate_if_due("batch")                                       # held-out eval
                 if self.step < cfg.run.steps and stop.agreed():                      # graceful stop
                     log(f"stop requested ({stop.local_reason() or 'by another rank'}): checkpoint at "
                         f"step {self.step} of {cfg.run.steps}, then exit; resume continues from it")
@@ -351,8 +369,44 @@ class Trainer:
                 progress.close()
             if producer is not None:
                 producer.stop()
+        self._evaluate_if_due("end")
         self.save()
         return self.finish()
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _evaluate_if_due(self, moment: str) -> None:
+        """Held-out evaluation (``train/evaluation.py``) when its schedule calls for one at ``moment``
+        ("start", "batch": after the weight sync, so the engine has the new weights, "end"). Rank 0
+        generates and scores, writes a row ``{"step", "eval/..."}`` of its own to metrics.jsonl and
+        TensorBoard / W&B, and broadcasts the result, so the other ranks wait for it as for a
+        rollout. The sets are built at the first call, before training: a bad file fails at once."""
+        from megatron_vespo.train import evaluation
+
+        schedule = evaluation.Schedule(self.cfg.eval, self.cfg.run.steps)
+        if not schedule.enabled:
+            return
+        if self.rank == 0 and self._eval_sets is None:
+            self._eval_sets = evaluation.build_sets(self.cfg, self.tokenizer)
+        if not schedule.due(moment, self.step, self.batch_index):
+            return
+        metrics = None
+        # never twice at a step: the end after a periodic one; a step the resumed checkpoint covers
+        if self.rank == 0 and not any(r["step"] == self.step and evaluation.is_eval_row(r) for r in self.history):
+            start = time.perf_counter()
+            metrics = evaluation.evaluate(self.client, self.tokenizer, self._eval_sets, self.cfg.eval,
+                                          self.cfg.run.seed, evaluation.max_new_tokens(self.cfg))
+            row = {"step": self.step, **metrics, "eval/seconds": time.perf_counter() - start}
+            self.history.append(row)
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+            if self.tensorboard is not None:  # every eval is logged, whatever run.log_every
+                for key, value in metrics.items():
+                    self.tensorboard.add_scalar(key, value, self.step)
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=self.step)
+            log(f"eval at step {self.step}: {evaluation.describe(metrics)} ({row['eval/seconds']:.1f} s)")
+        comm.broadcast_object(metrics)
 
     # -- rollout --------------------------------------------------------------------------------
 
@@ -366,12 +420,64 @@ class Trainer:
     def generate_batch(self, index: int, first_uid: int) -> RolloutBatch:
         """Rollout batch ``index`` from the prompts at ``first_uid``, with rewards. Rank 0 only; the
         async producer calls it from its thread (it reads the config, the prompt source and the
-        engine client, which the training thread does not change)."""
-        r = self.cfg.rollout
+        engine client, which the training thread does not change).
+
+        ``algorithm.filter_groups`` (DAPO dynamic sampling): groups whose task rewards are all equal
+        are dropped and the next prompts of the stream generated, ``prompts_per_batch`` a round,
+        until ``prompts_per_batch`` groups are kept, in uid order, at most ``filter_max_rounds``
+        extra rounds. Kept groups beyond those of the last round are dropped too: their prompts
+        count as consumed, and ``next_uid`` is the uid after the last one generated. Each prompt's
+        sampling seed depends on (run.seed, uid) only, so extra rounds are reproducible.
+        ``algorithm.overlong_buffer``: the overlong penalty is added to the task reward."""
+        r, a = self.cfg.rollout, self.cfg.algorithm
         start = time.perf_counter()
-        prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + r.prompts_per_batch)]
+        per_round, size = r.prompts_per_batch, r.group_size
+        samples, task = [], []  # of the kept groups
+        generated_task = []  # every group generated, for filter/task_mean_generated
+        timeouts = self.source.reward_timeouts
+        uid, rounds, passed = first_uid, 0, 0
+        while True:
+            round_samples, round_task = self._rollout_prompts(uid, per_round)
+            uid += per_round
+            generated_task += round_task
+            keep = keep_groups(round_task, size) if a.filter_groups else [True] * per_round
+            passed += sum(keep)
+            missing = per_round - len(samples) // size
+            for group in [g for g, kept in enumerate(keep) if kept][:missing]:
+                samples += round_samples[group * size:(group + 1) * size]
+                task += round_task[group * size:(group + 1) * size]
+            if len(samples) == per_round * size:
+                break
+            if rounds == a.filter_max_rounds:
+                raise ValueError(
+                    f"algorithm.filter_groups: after {rounds} extra rounds ({uid - first_uid} prompts from uid "
+                    f"{first_uid}) only {len(samples) // size} of rollout.prompts_per_batch = {per_round} groups "
+                    "have rewards that differ: the prompts are too easy or too hard for the policy; raise "
+                    "algorithm.filter_max_rounds or set algorithm.filter_groups to false")
+            rounds += 1
+        for position, sample in enumerate(samples):
+            sample.index = position // size  # its prompt's position in this batch
+        penalties = [overlong_penalty(len(s.response_ids), r.max_new_tokens, a.overlong_buffer,
+                                      a.overlong_penalty_factor) for s in samples]
+        rewards = [t + p for t, p in zip(task, penalties)]
+        # reward calls (code runs, user functions) stopped by data.reward_timeout_s: they scored 0
+        metrics = {"reward/timeouts": self.source.reward_timeouts - timeouts}
+        if a.overlong_buffer:
+            metrics.update({"reward/task_mean": float(np.mean(task)),
+                            "reward/overlong_penalty": float(np.mean(penalties))})
+        if a.filter_groups:
+            # kept_fraction: groups whose rewards differ / groups generated, surplus of the last round included
+            metrics.update({"filter/kept_fraction": passed / (uid - first_uid), "filter/rounds": rounds,
+                            "filter/task_mean_generated": float(np.mean(generated_task))})
+        return RolloutBatch(index, first_uid, samples, rewards, time.perf_counter() - start, next_uid=uid,
+                            metrics=metrics)
+
+    def _rollout_prompts(self, first_uid: int, count: int) -> tuple[list, list[float]]:
+        """``group_size`` samples of each prompt ``first_uid .. first_uid + count - 1`` (ordered by
+        prompt, then sample) and their task rewards."""
+        r, a = self.cfg.rollout, self.cfg.algorithm
+        prompts = [self.source.prompt(uid) for uid in range(first_uid, first_uid + count)]
         # R3 replays the engine's routes; R2 compares them with its own when asked to
-        a = self.cfg.algorithm
         routed = a.routing_replay == "r3" or a.routing_agreement
         samples = self.client.generate_sync([p.input_ids for p in prompts],
                                             [self._sampling_params(p.uid) for p in prompts],
@@ -381,7 +487,7 @@ class Trainer:
             prompt = prompts[sample.index]
             text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True) if self.tokenizer else ""
             rewards.append(self.source.reward(sample.response_ids, text, prompt))
-        return RolloutBatch(index, first_uid, samples, rewards, time.perf_counter() - start)
+        return samples, rewards
 
     def _next_batch(self, producer) -> RolloutBatch:
         batch = None
@@ -398,6 +504,9 @@ class Trainer:
         advantages = group_advantages(rewards, self.cfg.rollout.group_size, a.advantage, a.advantage_eps,
                                       a.advantage_std)
         samples = [Sample.from_rollout(s, adv) for s, adv in zip(batch.samples, advantages)]
+        # DAPO overlong filtering: truncated responses add no gradient; the advantages above still
+        # come from every reward of their group, truncated ones included, as in DAPO
+        masked = mask_truncated(samples, batch.samples) if a.mask_truncated else None
         engine_routes = [s.routed_experts for s in batch.samples]
         # R3 trains (and computes pi_old) with the engine's routes; R2 records its own in this forward
         routes = engine_routes if a.routing_replay == "r3" else None
@@ -408,9 +517,15 @@ class Trainer:
             if a.pi_old == "recompute":
                 for sample, values in zip(samples, old):
                     sample.old_logprobs = values
+        if self.reference is not None:
+            ref, _ = self.reference.logprobs(samples)
+            for sample, values in zip(samples, ref):
+                sample.ref_logprobs = values
         self.policy.validate(samples)
         # the hook reports the token mismatch (mismatch/abs_logp_diff, mismatch/kl_k3) per step
-        metrics = {}
+        metrics = dict(batch.metrics)  # the rollout's own (filter/..., reward/...)
+        if masked is not None:
+            metrics["response/masked_truncated"] = masked
         if a.routing_replay == "r2" and engine_routes[0] is not None:
             metrics["mismatch/routing_agreement"] = routing_agreement(
                 engine_routes, routes, self.policy.model_cfg.dense_layers, [len(s.prompt_ids) for s in batch.samples])
@@ -494,15 +609,20 @@ class Trainer:
     def finish(self) -> dict:
         summary = {}
         if self.rank == 0:
+            from megatron_vespo.train.evaluation import is_eval_row
             from megatron_vespo.train.plots import plot_run
 
             if self.cfg.run.plot and self.history:
                 summary["plot"] = plot_run(self.history, os.path.join(self.run_dir, "training.png"))
-            if self.history:
-                rewards = [row["reward/mean"] for row in self.history]
+            rewards = [row["reward/mean"] for row in self.history if "reward/mean" in row]  # not eval rows
+            evals = [row for row in self.history if is_eval_row(row)]
+            if evals:
+                summary["eval"] = {"first": evals[0], "last": evals[-1]}
+            if rewards:
                 window = max(1, len(rewards) // 5)
                 summary.update(steps=self.step, reward_start=float(np.mean(rewards[:window])),
                                reward_end=float(np.mean(rewards[-window:])))
+            if self.history:
                 with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                     json.dump(summary, f, indent=1)
             if self.metrics_file:
@@ -539,12 +659,14 @@ class AsyncProducer:
             if self.stopping.is_set():
                 break
             try:
-                self.ready.put(self.generate(index, uid))
+                batch = self.generate(index, uid)
             except BaseException as err:  # handed to the training thread, which raises it
                 self.ready.put(err)
                 return
+            # dynamic sampling may consume more prompts than a batch keeps: continue after its last
+            uid = batch.continues_at(prompts_per_batch) if isinstance(batch, RolloutBatch) else uid + prompts_per_batch
+            self.ready.put(batch)
             index += 1
-            uid += prompts_per_batch
 
     def take(self) -> RolloutBatch:
         item = self.ready.get()
@@ -588,6 +710,10 @@ def run_training(cfg: TrainConfig) -> int:
         if summary.get("reward_start") is not None:
             print(f"reward: {summary['reward_start']:.3f} (first steps) -> {summary['reward_end']:.3f} "
                   f"(last steps) over {summary['steps']} optimizer steps", flush=True)
+        if summary.get("eval"):
+            from megatron_vespo.train.evaluation import summary_line
+
+            print(f"held-out eval: {summary_line(summary['eval']['first'], summary['eval']['last'])}", flush=True)
         if summary.get("plot"):
             print(f"plot: {summary['plot']}", flush=True)
         print(f"run directory: {os.path.abspath(trainer.run_dir)}", flush=True)
