@@ -15,11 +15,18 @@ which ``megatron_vespo.train.data.PromptFile`` reads with its defaults (data.tas
 data.reward=math). Rows are deduplicated on the whitespace-normalised problem text (DAPO-Math-17k
 ships each of its ~17.9k problems about 100 times); the first occurrence is kept and problems seen
 again with a different answer are counted as conflicts. Progress and counts go to stderr.
+``--template reference --no-dedupe`` writes the prompts of the paper's reference runs instead
+(docs/REFERENCE_RECIPE.md): every row kept, the problem followed by the reference's instruction.
 
 A dataset's directory is looked up, in order, as: the --dataset-dir KEY=PATH override,
 SRC/<key>, SRC/<owner>/<name>, SRC/<name>, and a Hugging Face hub cache entry
 SRC/datasets--<owner>--<name>/snapshots/<revision> (for each accepted repo below). Inside it the
 file patterns are tried in order and the first that matches is used.
+
+Code tasks (data.reward=code, docs/REWARDS.md): ``--tiny-code OUT.jsonl`` writes a tiny built-in
+task (8 small stdin/stdout problems); ``--code-file PATH --code-out OUT.jsonl`` converts a local code
+dataset (``--code-file PATH --help`` lists the field-name options). Rows: prompt, tests [{input,
+output}], id, source.
 """
 
 from __future__ import annotations
@@ -42,7 +49,19 @@ DAPO_HEAD = ("Solve the following math problem step by step. The last line of yo
 DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
 
 
-def make_prompt(problem: str) -> list[dict]:
+# --template reference: the prompts of the paper's reference runs (recipe/vespo/tools/preprocess_datasets.py
+# in github.com/FloyedShen/VESPO): the problem as the dataset has it, one space, the dataset's instruction.
+REFERENCE_BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
+REFERENCE_THINK = "Let's think step by step and output the final answer within \\boxed{}."
+REFERENCE_INSTRUCTION = {"dapo_math_17k": REFERENCE_BOXED, "amc23": REFERENCE_BOXED, "aime24": REFERENCE_THINK,
+                         "aime25": REFERENCE_THINK, "math500": REFERENCE_THINK,
+                         "gsm8k": REFERENCE_BOXED}  # GSM8K: not in the reference; its training instruction
+TEMPLATES = ("default", "reference")
+
+
+def make_prompt(problem: str, template: str = "default", dataset: str = "") -> list[dict]:
+    if template == "reference":
+        return [{"role": "user", "content": f"{problem} {REFERENCE_INSTRUCTION[dataset]}"}]
     return [{"role": "user", "content": f"{INSTRUCTION_HEAD}\n\n{problem.strip()}\n\n{INSTRUCTION_TAIL}"}]
 
 
@@ -303,7 +322,8 @@ def read_dataset(spec: Spec, layout: Layout, files: list[Path], split: str):
 # -- writing -----------------------------------------------------------------------------------
 
 
-def prepare(spec: Spec, layout: Layout, files: list[Path], out_dir: Path, split: str) -> dict:
+def prepare(spec: Spec, layout: Layout, files: list[Path], out_dir: Path, split: str, template: str = "default",
+            dedupe: bool = True) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -317,17 +337,18 @@ def prepare(spec: Spec, layout: Layout, files: list[Path], out_dir: Path, split:
         key = " ".join(problem.split())
         if not key:
             raise PrepError(f"{spec.key}: row {rows - 1} has an empty problem")
-        if key in seen:
+        if dedupe and key in seen:
             duplicates += 1
             conflicts += seen[key] != answer
             continue
-        seen[key] = answer
+        if dedupe:
+            seen[key] = answer
         uid, n = rid, 1
         while uid in ids:
             n += 1
             uid = f"{rid}#{n}"
         ids.add(uid)
-        prompts.append(make_prompt(problem))
+        prompts.append(make_prompt(problem, template, spec.key))
         answers.append(answer)
         out_ids.append(uid)
     if not prompts:
@@ -349,6 +370,172 @@ def prepare(spec: Spec, layout: Layout, files: list[Path], out_dir: Path, split:
     return counts
 
 
+# -- code tasks (data.task=file, data.reward=code) ---------------------------------------------
+# Rows {"prompt": [one user message], "tests": [{"input": stdin, "output": expected stdout}, ...],
+# "id", "source"} in a .jsonl, read by PromptFile with data.tests_key=tests (docs/REWARDS.md).
+
+CODE_FLAGS = ("--tiny-code", "--code-file")
+CODE_INSTRUCTION = ("Write a Python 3 program that reads the input from standard input and prints the answer "
+                    "to standard output. Put the complete program in one ```python code block.")
+
+# The built-in tiny task: (id, problem, [(stdin, expected stdout), ...], a reference solution).
+TINY_CODE = (
+    ("sum", "Read two integers on one line, separated by a space, and print their sum.",
+     [("1 2\n", "3\n"), ("-5 12\n", "7\n"), ("1000000000 1000000000\n", "2000000000\n")],
+     "a, b = map(int, input().split())\nprint(a + b)\n"),
+    ("reverse", "Read one line of text and print it reversed.",
+     [("hello\n", "olleh\n"), ("ab c\n", "c ba\n"), ("x\n", "x\n")],
+     "print(input()[::-1])\n"),
+    ("maximum", "The first line holds n, the second n integers separated by spaces. Print the largest of them.",
+     [("3\n1 7 4\n", "7\n"), ("1\n-2\n", "-2\n"), ("5\n-1 -9 -3 -1 -4\n", "-1\n")],
+     "input()\nprint(max(map(int, input().split())))\n"),
+    ("vowels", "Read one line of lowercase letters and spaces and print how many of its letters are vowels "
+               "(a, e, i, o, u).",
+     [("hello world\n", "3\n"), ("rhythm\n", "0\n"), ("aeiou aeiou\n", "10\n")],
+     "print(sum(c in 'aeiou' for c in input()))\n"),
+    ("factorial", "Read an integer n (0 <= n <= 20) and print n! (the product 1 x 2 x ... x n; 0! is 1).",
+     [("0\n", "1\n"), ("5\n", "120\n"), ("20\n", "2432902008176640000\n")],
+     "import math\nprint(math.factorial(int(input())))\n"),
+    ("fizzbuzz", "Read an integer n and print the numbers from 1 to n, one a line, but print Fizz instead of "
+                 "multiples of 3, Buzz instead of multiples of 5 and FizzBuzz instead of multiples of both.",
+     [("5\n", "1\n2\nFizz\n4\nBuzz\n"), ("1\n", "1\n"), ("15\n", "1\n2\nFizz\n4\nBuzz\nFizz\n7\n8\nFizz\nBuzz\n11\n"
+                                                          "Fizz\n13\n14\nFizzBuzz\n")],
+     "n = int(input())\nfor i in range(1, n + 1):\n"
+     "    print('FizzBuzz' if i % 15 == 0 else 'Fizz' if i % 3 == 0 else 'Buzz' if i % 5 == 0 else i)\n"),
+    ("prime", "Read an integer n (1 <= n <= 10^9) and print YES if n is a prime number, otherwise NO.",
+     [("2\n", "YES\n"), ("1\n", "NO\n"), ("999999937\n", "YES\n"), ("1000000000\n", "NO\n")],
+     "n = int(input())\nprint('YES' if n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1)) else 'NO')\n"),
+    ("sort", "Read one line of integers separated by spaces and print them in increasing order, separated by "
+             "single spaces.",
+     [("3 1 2\n", "1 2 3\n"), ("5\n", "5\n"), ("-1 10 -7 0 0\n", "-7 -1 0 0 10\n")],
+     "print(*sorted(map(int, input().split())))\n"),
+)
+
+
+def make_code_prompt(problem: str) -> list[dict]:
+    return [{"role": "user", "content": f"{problem.strip()}\n\n{CODE_INSTRUCTION}"}]
+
+
+def tiny_code_rows() -> list[dict]:
+    return [{"prompt": make_code_prompt(problem), "tests": [{"input": i, "output": o} for i, o in tests],
+             "id": f"tiny-{key}", "source": "tiny_code"} for key, problem, tests, _ in TINY_CODE]
+
+
+def code_tests(value, where: str, input_key: str = "input", output_key: str = "output") -> list[dict]:
+    """A dataset's tests as ``[{"input", "output"}]``. Accepted: a list of objects with
+    ``input_key``/``output_key``, an object of parallel lists ``{"inputs": [...], "outputs": [...]}``
+    (APPS/TACO style), or either as a JSON string. Inputs and outputs must be strings."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as err:
+            raise PrepError(f"{where}: the tests are a string but not JSON ({err})") from None
+    if isinstance(value, dict) and isinstance(value.get("inputs"), list) and isinstance(value.get("outputs"), list):
+        if len(value["inputs"]) != len(value["outputs"]):
+            raise PrepError(f"{where}: {len(value['inputs'])} inputs but {len(value['outputs'])} outputs")
+        value = [{input_key: i, output_key: o} for i, o in zip(value["inputs"], value["outputs"])]
+    if not isinstance(value, list):
+        raise PrepError(f"{where}: the tests must be a list of {{{input_key!r}, {output_key!r}}} objects or "
+                        f"{{'inputs': [...], 'outputs': [...]}}, got {type(value).__name__}")
+    tests = []
+    for j, t in enumerate(value):
+        if not isinstance(t, dict) or not isinstance(t.get(input_key), str) or not isinstance(t.get(output_key), str):
+            raise PrepError(f"{where}: test {j} must be an object with string {input_key!r} and {output_key!r}, "
+                            f"got {str(t)[:80]!r}")
+        tests.append({"input": t[input_key], "output": t[output_key]})
+    return tests
+
+
+def convert_code_file(path: Path, problem_key: str = "problem", tests_key: str = "tests", id_key: str = "id",
+                      input_key: str = "input", output_key: str = "output", source: str = "") -> tuple[list[dict], int]:
+    """(rows in the code task format, rows skipped for having no tests) from a .jsonl/.parquet file."""
+    rows, skipped, ids = [], 0, set()
+    stem = path.name.split(".")[0]
+    for i, row in iter_rows(path):
+        where = f"{path} row {i}"
+        for key in (problem_key, tests_key):
+            if key not in row:
+                raise PrepError(f"{where}: no field {key!r}; the row has {sorted(row)}")
+        problem = row[problem_key]
+        if not isinstance(problem, str) or not problem.strip():
+            raise PrepError(f"{where}: field {problem_key!r} must be a non-empty string, got {str(problem)[:80]!r}")
+        tests = code_tests(row[tests_key], f"{where} field {tests_key!r}", input_key, output_key)
+        if not tests:
+            skipped += 1
+            continue
+        rid = row.get(id_key)
+        rid = str(rid) if rid not in (None, "") else f"{stem}-{i}"
+        uid, n = rid, 1
+        while uid in ids:
+            n += 1
+            uid = f"{rid}#{n}"
+        ids.add(uid)
+        rows.append({"prompt": make_code_prompt(problem), "tests": tests, "id": uid, "source": source or stem})
+    return rows, skipped
+
+
+def write_code_jsonl(rows: list[dict], out: Path) -> None:
+    if out.suffix != ".jsonl":
+        raise PrepError(f"{out}: code task files are written as .jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def build_code_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prepare_data.py (code tasks)",
+        description="Write a code task for data.task=file, data.reward=code, data.tests_key=tests: a .jsonl of "
+                    "{prompt (one user message asking for a ```python block), tests [{input, output}], id, "
+                    "source}. Either the built-in tiny task (--tiny-code) or a local dataset file converted "
+                    "(--code-file, .jsonl or .parquet; rows without tests are skipped and counted).")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--tiny-code", type=Path, metavar="OUT.jsonl",
+                      help=f"write the built-in tiny task ({len(TINY_CODE)} small stdin/stdout problems)")
+    mode.add_argument("--code-file", type=Path, metavar="PATH", help="a local code dataset to convert")
+    p.add_argument("--code-out", type=Path, metavar="OUT.jsonl", help="where --code-file's rows go")
+    p.add_argument("--code-problem-key", default="problem", help="field holding the problem statement")
+    p.add_argument("--code-tests-key", default="tests",
+                   help="field holding the tests: a list of {input, output} objects, {inputs: [..], outputs: "
+                        "[..]}, or either as a JSON string")
+    p.add_argument("--code-input-key", default="input", help="key of a test's stdin in a list of objects")
+    p.add_argument("--code-output-key", default="output", help="key of a test's expected stdout")
+    p.add_argument("--code-id-key", default="id", help="field holding the row id (<file stem>-<row> when absent)")
+    p.add_argument("--code-source", default="", help="the rows' source (default: the file stem)")
+    return p
+
+
+def code_main(argv: list[str]) -> int:
+    args = build_code_parser().parse_args(argv)
+    try:
+        if args.tiny_code:
+            rows, skipped, out = tiny_code_rows(), 0, args.tiny_code
+        else:
+            if not args.code_out:
+                log("error: --code-file needs --code-out OUT.jsonl")
+                return 2
+            if not args.code_file.is_file():
+                log(f"error: --code-file {args.code_file} is not a file")
+                return 2
+            rows, skipped = convert_code_file(args.code_file, args.code_problem_key, args.code_tests_key,
+                                              args.code_id_key, args.code_input_key, args.code_output_key,
+                                              args.code_source)
+            out = args.code_out
+            if not rows:
+                log(f"error: {args.code_file}: no row has tests ({skipped} skipped)")
+                return 1
+        write_code_jsonl(rows, out)
+    except PrepError as err:
+        log(f"error: {err}")
+        return 1
+    except OSError as err:
+        log(f"error: cannot write: {err}")
+        return 2
+    log(f"code task: {len(rows)} rows written -> {out}" + (f" ({skipped} without tests skipped)" if skipped else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     layouts = "\n".join(f"  {s.key:14s} {s.title}\n" + "\n".join(
         f"  {'':14s}   {l.repo}: {' | '.join(l.files)}  (question: {'/'.join(l.question)}, "
@@ -366,12 +553,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-dir", action="append", default=[], metavar="KEY=PATH",
                    help="directory of one dataset, overriding the lookup under --source-dir (repeatable)")
     p.add_argument("--gsm8k-split", default="test", choices=("test", "train"))
+    p.add_argument("--template", default="default", choices=TEMPLATES,
+                   help="default: the problem inside the instruction above; reference: the paper's reference "
+                        "runs' prompts, the problem then ' ' and the dataset's instruction (DAPO-Math-17k, "
+                        f"AMC 2023: '{REFERENCE_BOXED}'; AIME, MATH-500: '{REFERENCE_THINK}')")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false",
+                   help="keep every row as shipped (DAPO-Math-17k: ~1.79 M rows, each problem ~100 times; the "
+                        "paper's reference trains on them so)")
     p.add_argument("--skip-missing", action="store_true",
                    help="warn about datasets not found and prepare the others (default: error, write nothing)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=")[0] in CODE_FLAGS for a in argv):  # the code task modes have their own options
+        return code_main(argv)
     args = build_parser().parse_args(argv)
     keys = [k.strip() for k in args.datasets.split(",") if k.strip()]
     unknown = [k for k in keys if k not in SPECS]
@@ -407,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for key, (layout, files) in found.items():
         try:
-            summary.append(prepare(SPECS[key], layout, files, args.out_dir, args.gsm8k_split))
+            summary.append(prepare(SPECS[key], layout, files, args.out_dir, args.gsm8k_split, args.template,
+                                   args.dedupe))
         except PrepError as err:
             log(f"error: {err}")
             return 1

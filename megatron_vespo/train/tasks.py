@@ -1,4 +1,5 @@
-"""Prompts and verifiable rewards: synthetic token tasks for the CPU demo, and math answers.
+"""Prompts and verifiable rewards: synthetic token tasks for the CPU demo, math answers, and code
+run against tests (``code_reward``; the sandbox is ``megatron_vespo.train.sandbox``).
 
 Synthetic tasks work on token ids directly (no tokenizer): ``PAD BOS EOS SEP`` then ten digit
 tokens. A prompt is ``BOS d1 .. dn SEP``; the answer is digits followed by EOS, of a length that
@@ -12,9 +13,10 @@ number of digits is wrong), so early learning has a gradient, and 0 for an answe
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 DIGIT0 = 4
@@ -55,7 +57,10 @@ SYNTHETIC_TASKS = {"reverse": _reverse, "sort": _sort, "add": _add, "dedupe": _d
 class Prompt:
     uid: int  # position in the data stream (checkpointed, so resuming continues the same stream)
     input_ids: list[int]
-    answer: object  # token list (synthetic) or answer string (math)
+    answer: object  # token list (synthetic), answer string (math), None when a file has no answer column
+    # prompt files: the row's other fields (JSON values: id, source, answer, tests, ...); see data.PromptFile
+    metadata: dict = field(default_factory=dict)
+    text: str = ""  # prompt files: the prompt as tokenized (after the chat template); "" for synthetic tasks
 
 
 class SyntheticTask:
@@ -122,6 +127,26 @@ def math_reward(response_text: str, answer: str) -> float:
     return 1.0 if verify(gold, predicted, timeout_seconds=seconds) else 0.0
 
 
+def math_full_reward(response_text: str, prompt_text: str, metadata: dict) -> float:
+    """reward=math_full, the paper's reference reward: math-verify's default extraction over the
+    WHOLE response (the last ``\\boxed{}``, else the last answer-like expression: "The answer is
+    42." scores) against the bare reference answer, with ``metadata["timeout_s"]`` for its parse
+    and verify timeouts; 0 when either side does not parse or math-verify raises. Runs in a reward
+    worker process (``data.FullMathReward``): math-verify's timeouts use ``signal.alarm``, which
+    works only in a main thread, and the worker is killed past twice that time."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ImportError("the math_full reward needs the math-verify package (pip install math-verify)") from err
+    seconds = max(1, math.ceil(metadata["timeout_s"]))  # signal.alarm takes whole seconds
+    try:
+        gold = parse(str(metadata["answer"]), parsing_timeout=seconds)
+        predicted = parse(response_text, parsing_timeout=seconds)
+        return 1.0 if gold and predicted and verify(gold, predicted, timeout_seconds=seconds) else 0.0
+    except Exception:  # the reference scores any failure of math-verify 0
+        return 0.0
+
+
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +(?=[^\s{])")
 
 
@@ -146,3 +171,70 @@ def last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[m.end():i]
     return None
+
+
+# -- code -----------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.S | re.I)
+
+
+def extract_program(response_text: str) -> str:
+    """The program in a response: its last closed ```python (or ```py / ```python3) fenced block,
+    else the whole response (a bare program)."""
+    blocks = _FENCE.findall(response_text or "")
+    return blocks[-1] if blocks else (response_text or "")
+
+
+def normalize_output(text: str) -> str:
+    """What is compared: trailing whitespace stripped from every line, then trailing blank lines
+    (so ``"3 \r\n"`` matches ``"3"``; leading whitespace and inner blank lines still count)."""
+    return "\n".join(line.rstrip() for line in text.split("\n")).rstrip()
+
+
+def check_tests(tests, where: str = "tests") -> list[dict]:
+    """``tests`` as a non-empty list of ``{"input": str, "output": str}`` (extra keys dropped);
+    a ValueError naming ``where`` and the test otherwise."""
+    if not isinstance(tests, (list, tuple)) or not tests:
+        raise ValueError(f"{where}: the tests must be a non-empty list of {{'input', 'output'}} objects, "
+                         f"got {type(tests).__name__} {str(tests)[:80]!r}")
+    out = []
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict) or not isinstance(t.get("input"), str) or not isinstance(t.get("output"), str):
+            raise ValueError(f"{where}: test {i} must be an object with string 'input' (stdin) and 'output' "
+                             f"(expected stdout), got {str(t)[:80]!r}")
+        out.append({"input": t["input"], "output": t["output"]})
+    return out
+
+
+@dataclass
+class CodeResult:
+    passed: int
+    total: int
+    timed_out: bool  # a test hit the time limit (the tests after it were not run: failed)
+
+    @property
+    def reward(self) -> float:
+        return self.passed / self.total
+
+
+def run_code_tests(program: str, tests: list[dict], timeout_s: float, limits=None) -> CodeResult:
+    """Run ``program`` on each test's input in the sandbox; a test passes when the program exits 0
+    and its stdout equals the expected output after ``normalize_output``. ``timeout_s`` limits each
+    test; the first test to exceed it ends the run and the tests after it count as failed. An empty
+    program scores 0 without running."""
+    from megatron_vespo.train.sandbox import run_program
+
+    tests = check_tests(tests)
+    if not program.strip():
+        return CodeResult(0, len(tests), False)
+    results = run_program(program, [t["input"] for t in tests], timeout_s, limits=limits)
+    passed = sum(r.status == "exited" and r.returncode == 0
+                 and normalize_output(r.stdout) == normalize_output(t["output"]) for r, t in zip(results, tests))
+    return CodeResult(passed, len(tests), any(r.status == "timeout" for r in results))
+
+
+def code_reward(program: str, tests: list[dict], timeout_s: float) -> float:
+    """The fraction of ``tests`` (``[{"input": stdin, "output": expected stdout}, ...]``) that the
+    Python ``program`` passes, run in the sandbox with ``timeout_s`` seconds per test (see
+    ``run_code_tests``)."""
+    return run_code_tests(program, tests, timeout_s).reward
