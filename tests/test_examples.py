@@ -62,6 +62,7 @@ SBATCH = sorted(SLURM.glob("*.sbatch"))
 SCRIPTS = SBATCH + [SLURM / "env.sh", ROOT / "tools" / "slurm_localhost.sh"]
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
 VESPO_N = {n: CONFIGS / f"qwen3_30b_a3b_dapo_vespo_n{n}.yaml" for n in (8, 16, 32, 64)}
+REFERENCE = CONFIGS / "qwen3_30b_a3b_dapo_vespo_n8_reference.yaml"  # docs/REFERENCE_RECIPE.md
 SECTIONS = ("model", "data", "rollout", "algorithm", "optimizer", "run")
 # the configs the SLURM scripts run (SGLang servers); demo_cpu.yaml runs in one process
 CLUSTER_YAMLS = [p for p in YAMLS if load_config(str(p)).rollout.engine == "sglang"]
@@ -315,6 +316,10 @@ CASES = {
         "SGLANG_PYTHON": "/opt/sglang/bin/python", "CONTAINER_IMAGE": "/images/vespo.sqsh",
         "WANDB_PROJECT": "vespo", "TRAIN_OVERRIDES": "optimizer.lr=2.0e-6 run.save_every=32",
         "ROLLOUT_TP": "8", "ROLLOUT_EP": "8", "CONFIG": str(VESPO_N[16])}, ["algorithm.kl_coef=0.0"]),
+    # the reference recipe as docs/REFERENCE_RECIPE.md launches it: 8 + 8 nodes, its own prompt file
+    "vespo_n8_reference": ("vespo_n8.sbatch", {
+        "CHECK_CONFIG": "1", "CONFIG": str(REFERENCE), "DATA": str(ROOT / "data/reference/dapo_math_17k.parquet"),
+        "TRAIN_NODES": "8", "ROLLOUT_TP": "2", "SLURM_JOB_NODELIST": "gpu[01-16]", "SLURM_JOB_NUM_NODES": "16"}, []),
     "single_node": ("single_node_8gpu.sbatch", {}, []),
     "single_node_container": ("single_node_8gpu.sbatch", {
         "CONTAINER_IMAGE": "/images/vespo.sqsh", "ROUTING_REPLAY": "r3"}, ["run.steps=8"]),
@@ -557,7 +562,8 @@ def test_every_config_is_used_by_a_script(dry_runs):
 @pytest.mark.slow
 def test_configs_name_the_model_and_data_the_scripts_use(dry_runs):
     """A config's model.hf_dir and data.prompts_file (relative to the repository, where the scripts
-    run) are the MODEL and DATA its script passes by default: the file read alone tells what trains."""
+    run) are the MODEL and DATA its script passes by default, or those its documented launch sets
+    (the reference recipe's DATA): the file read alone tells what trains."""
     from torch.distributed.run import get_args_parser
 
     from megatron_vespo.train import trainer
@@ -566,8 +572,6 @@ def test_configs_name_the_model_and_data_the_scripts_use(dry_runs):
     trainer.add_arguments(train_parser)
     checked = set()
     for name, dry in dry_runs.items():
-        if {"MODEL", "DATA"} & set(dry.env):
-            continue  # the case chose its own
         run = parse_strict(get_args_parser(), split_train(dry)[1], f"{name}: torchrun")
         train = parse_strict(train_parser, run.training_script_args[1:], f"{name}: train")
         as_run, as_written = load_config(train.config, train.overrides), load_config(train.config)
@@ -612,7 +616,7 @@ def test_config_loads(path):
         cfg.rollout.server_urls = [check_config.PLACEHOLDER_URL]
     m = cfg.model
     world = {"demo_cpu.yaml": 1, "qwen15_moe_a27b_dapo_vespo_1node.yaml": 6,
-             "qwen3_30b_a3b_dapo_vespo_async.yaml": 16}.get(path.name, 32)
+             "qwen3_30b_a3b_dapo_vespo_async.yaml": 16, REFERENCE.name: 64}.get(path.name, 32)
     check_config.check(cfg, world, ARCHITECTURES.get(Path(m.hf_dir).name))
 
 
