@@ -14,17 +14,18 @@ made here with transformers.
 2. Peak memory of one train step on 8 responses of 256..4096 tokens (random, fixed seed) after a
    64-token prompt (fp32, 1 process): micro-batches packed to a token budget of the longest possible
    sequence, 64 + 4096 (``algorithm.max_tokens_per_micro_batch``) / fixed 2-sequence micro-batches
-   (``algorithm.micro_batch_size=2``, every micro-batch padded to the widest as the Policy does).
+   (``algorithm.micro_batch_size=2``; without a pipeline the Policy gives each its own width).
    One fresh process per variant (glibc's mmap threshold at 64 KiB, so the resident size follows
    the bytes live), the Policy built and one warm-up step on two short sequences taken (Adam's
    state and Megatron's lazy buffers exist, as in every later step); then the peak resident size of
    the measured step (VmHWM, reset through /proc/self/clear_refs) minus the resident size before it.
    Target <= 0.6.
-3. Padding fraction under the token budget: padded token slots / all slots of the step, from
-   ``batch.token_budget_plan`` (with ``packed_width``, as the Policy pads) and from the Policy's own
-   micro-batches in (2), next to the least padding any split into micro-batches of one width can
-   have (every set partition tried); also over many random draws of 8 and 32 lengths (with the
-   widest micro-batch's width, budget / pairs, on each). Target <= 5%.
+3. Padding fraction under the token budget: padded token slots / all slots of the step, from the
+   Policy's own micro-batches in (2) (pp = 1: each micro-batch its own width) and from
+   ``batch.token_budget_plan`` with ``packed_width`` in several layouts (CP / TP rounding; a
+   pipeline pads every micro-batch to the widest), next to the least padding any split into
+   micro-batches of one width can have (every set partition tried); also over many random draws
+   of 8 and 32 lengths (with the widest micro-batch's width, budget / pairs, on each). Target <= 5%.
 4. Step time at dp2 (2 processes, gloo): distributed optimizer / plain DDP + Adam, two policies
    of the same model in one launch (30 M parameters, fp32, 16 sequences of 272 tokens, micro-batches
    of 4), their steps alternated (order flipped every round), medians; also the median of the
@@ -62,7 +63,7 @@ STATE_MODEL = dict(vocab_size=16000, hidden_size=384, num_hidden_layers=4, num_a
                    num_key_value_heads=2, head_dim=64, intermediate_size=1152, moe_intermediate_size=256,
                    num_experts=16, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[0],
                    norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=8192)
-# (2): long sequences on CPU (the local spec's attention keeps [heads, L, L] scores per sequence)
+# (2): long sequences on CPU (a step's peak follows its widest micro-batch)
 MEMORY_MODEL = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
                     num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0],
@@ -273,18 +274,23 @@ def _launch(args, extra: list[str], nproc: int = 1) -> dict:
             return json.load(f)
 
 
-def plan_padding(lengths: list[int], budget: int) -> dict:
-    """Padding of the token-budget plan (and of fixed pairs) for sequences of ``lengths``, every
-    micro-batch padded to the widest, as Policy._micro_batches does (one rank, no CP / TP)."""
+def plan_padding(lengths: list[int], budget: int, pp: int = 1, cp: int = 1, tp: int = 1) -> dict:
+    """Padding of the token-budget plan (and of fixed pairs) for sequences of ``lengths`` on one
+    data rank, padded as Policy._micro_batches pads them: under a pipeline (pp > 1) every
+    micro-batch to the widest, without one each to its own packed width (CP / TP rounding only)."""
     from megatron_vespo.batch import packed_width, partition, token_budget_plan
 
+    seq_multiple = 2 * cp if cp > 1 else 1
+    total_multiple = seq_multiple * tp
     out = {}
-    for name, plan in (("budget", token_budget_plan(lengths, 1, budget)),
+    for name, plan in (("budget", token_budget_plan(lengths, 1, budget, seq_multiple, total_multiple)),
                        ("pairs", partition(len(lengths), 1, len(lengths) // 2))):
-        width = max(packed_width(lengths, g) for rank in plan for g in rank)
-        slots = width * sum(len(rank) for rank in plan)
-        out[name] = dict(micro_batches=len(plan[0]), width=width, slots=slots, tokens=sum(lengths),
-                         padding=1 - sum(lengths) / slots, groups=plan[0])
+        widths = [packed_width(lengths, g, seq_multiple, total_multiple) for g in plan[0]]
+        if pp > 1:
+            widths = [max(widths)] * len(widths)
+        slots = sum(widths)
+        out[name] = dict(micro_batches=len(plan[0]), width=max(widths), widths=widths, slots=slots,
+                         tokens=sum(lengths), padding=1 - sum(lengths) / slots, groups=plan[0])
     return out
 
 
@@ -313,28 +319,41 @@ def padding_optimum(lengths: list[int], budget: int) -> float:
     return 1 - total / best[0]
 
 
-def padding_over_draws(draws: int, n: int, prompt: int, low: int, high: int, budget: int) -> dict:
-    """The plan's padding over ``draws`` random draws of ``n`` response lengths (and, for n <= 8,
-    the least padding any split into micro-batches of one width could have)."""
-    budget_padding, optima, pair_padding, widths = [], [], [], []
+def padding_over_draws(draws: int, n: int, prompt: int, low: int, high: int, budget: int,
+                       layouts: dict) -> dict:
+    """The plan's padding over ``draws`` random draws of ``n`` response lengths in each of
+    ``layouts`` (name -> plan_padding's pp/cp/tp), with the least padding any split into
+    micro-batches of one width could have (n <= 8) and the widest micro-batch, budget / pairs."""
+    padding = {name: [] for name in layouts}
+    optima, pair_padding, widths = [], [], []
     for seed in range(draws):
         lengths = [prompt + r for r in response_lengths(n, low, high, 1000 + seed)]
+        for name, layout in layouts.items():
+            padding[name].append(plan_padding(lengths, budget, **layout)["budget"]["padding"])
         p = plan_padding(lengths, budget)
-        budget_padding.append(p["budget"]["padding"])
         if n <= 8:
             optima.append(padding_optimum(lengths, budget))
-        pair_padding.append(p["pairs"]["padding"])
+        pair_padding.append(plan_padding(lengths, budget, pp=2)["pairs"]["padding"])
         widths.append(p["budget"]["width"] / p["pairs"]["width"])  # widest micro-batch, budget / pairs
     widths.sort()
-    at_optimum = sum(b <= o + 1e-9 for b, o in zip(budget_padding, optima)) / draws if optima else None
-    budget_padding.sort()
-    return dict(draws=draws, sequences=n, budget_median=statistics.median(budget_padding),
-                budget_p90=budget_padding[int(0.9 * draws)], budget_mean=statistics.fmean(budget_padding),
-                budget_max=budget_padding[-1], budget_at_most_5pct=sum(p <= 0.05 for p in budget_padding) / draws,
-                optimum_median=statistics.median(optima) if optima else None, plan_at_optimum=at_optimum,
-                pairs_median=statistics.median(pair_padding), width_ratio_median=statistics.median(widths),
-                width_ratio_p10=widths[int(0.1 * draws)], width_ratio_p90=widths[int(0.9 * draws)],
-                width_ratio_max=widths[-1], width_ratio_at_most_0_6=sum(w <= 0.6 for w in widths) / draws)
+    out = dict(draws=draws, sequences=n, layouts={},
+               optimum_median=statistics.median(optima) if optima else None,
+               pairs_one_width_median=statistics.median(pair_padding), width_ratio_median=statistics.median(widths),
+               width_ratio_p10=widths[int(0.1 * draws)], width_ratio_p90=widths[int(0.9 * draws)],
+               width_ratio_max=widths[-1], width_ratio_at_most_0_6=sum(w <= 0.6 for w in widths) / draws)
+    for name, values in padding.items():
+        at_optimum = (sum(b <= o + 1e-9 for b, o in zip(values, optima)) / draws
+                      if optima and layouts[name].get("pp", 1) > 1 else None)
+        values = sorted(values)
+        out["layouts"][name] = dict(median=statistics.median(values), p90=values[int(0.9 * draws)],
+                                    max=values[-1], at_most_5pct=sum(v <= 0.05 for v in values) / draws,
+                                    at_optimum=at_optimum)
+    return out
+
+
+# layouts whose padding the draws report: pp = 1 pads each micro-batch only to CP / TP multiples,
+# a pipeline pads all to the widest
+PADDING_LAYOUTS = {"pp1": dict(), "pp1 cp2 tp2": dict(cp=2, tp=2), "pp2": dict(pp=2), "pp2 cp2 tp2": dict(pp=2, cp=2, tp=2)}
 
 
 def main(argv=None) -> int:
@@ -433,20 +452,26 @@ def main(argv=None) -> int:
               f"{widths['budget'] / widths['pairs']:.3f}")
 
         optimum = padding_optimum(lengths, budget)
-        draws = [padding_over_draws(200 if q else 2000, n, prompt, low, high, budget) for n in (8, 32)]
-        results["padding"] = dict(plan=plan, policy=actual, optimum=optimum, draws=draws)
-        print(f"[3] padding under the token budget: plan {plan['budget']['padding']:.2%} "
-              f"({plan['budget']['micro_batches']} micro-batches of {plan['budget']['width']}), Policy's micro-batches "
-              f"{actual['budget']:.2%} (target <= 5%); least possible at one width per step {optimum:.2%}; "
-              f"fixed pairs {plan['pairs']['padding']:.2%}")
+        layouts = {name: plan_padding(lengths, budget, **layout)["budget"] for name, layout in PADDING_LAYOUTS.items()}
+        draws = [padding_over_draws(200 if q else 2000, n, prompt, low, high, budget, PADDING_LAYOUTS)
+                 for n in (8, 32)]
+        results["padding"] = dict(plan=plan, policy=actual, layouts=layouts, optimum_one_width=optimum, draws=draws)
+        print(f"[3] padding under the token budget: the Policy's micro-batches (pp = 1) {actual['budget']:.2%} "
+              f"(target <= 5%; widths {[m['width'] for m in mem['budget']['micro_batches']]}); fixed pairs "
+              f"{actual['pairs']:.2%}")
+        for name, p in layouts.items():
+            print(f"    plan, {name:12s} {p['padding']:.2%} ({p['micro_batches']} micro-batches, widths {p['widths']})")
+        print(f"    least possible with one width per step (any pipeline) {optimum:.2%}")
         for d in draws:
-            best = (f"; the least possible: median {d['optimum_median']:.2%}, reached in {d['plan_at_optimum']:.0%}"
-                    if d["optimum_median"] is not None else "")
-            print(f"    over {d['draws']} draws of {d['sequences']} lengths: median {d['budget_median']:.2%}, 90th "
-                  f"percentile {d['budget_p90']:.2%}, max {d['budget_max']:.2%}, <= 5% in "
-                  f"{d['budget_at_most_5pct']:.0%}{best}; fixed pairs median {d['pairs_median']:.2%}")
-            print(f"      widest micro-batch, budget / fixed pairs: median {d['width_ratio_median']:.3f}, 10th-90th "
-                  f"percentile {d['width_ratio_p10']:.3f}-{d['width_ratio_p90']:.3f}, max {d['width_ratio_max']:.3f}, "
+            print(f"    over {d['draws']} draws of {d['sequences']} lengths (median, 90th percentile, max, <= 5%):")
+            for name, v in d["layouts"].items():
+                best = f", the least possible at one width reached in {v['at_optimum']:.0%}" if v["at_optimum"] is not None else ""
+                print(f"      {name:12s} {v['median']:.2%}, {v['p90']:.2%}, {v['max']:.2%}, {v['at_most_5pct']:.0%}{best}")
+            if d["optimum_median"] is not None:
+                print(f"      least possible at one width: median {d['optimum_median']:.2%}")
+            print(f"      fixed pairs at one width: median {d['pairs_one_width_median']:.2%}; widest micro-batch, "
+                  f"budget / fixed pairs: median {d['width_ratio_median']:.3f}, 10th-90th percentile "
+                  f"{d['width_ratio_p10']:.3f}-{d['width_ratio_p90']:.3f}, max {d['width_ratio_max']:.3f}, "
                   f"<= 0.6 in {d['width_ratio_at_most_0_6']:.0%}")
     results["seconds"] = time.perf_counter() - t_start
     print(f"total {results['seconds']:.0f} s")

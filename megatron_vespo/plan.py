@@ -53,8 +53,8 @@ the next linear its output (``3 s H``); q's norm input is a copy and both q/k no
 normalised tensor; RoPE keeps cos and sin for q and k ``4 t d``; its core attention
 (``mcore/attention.py``) keeps per sequence q and the GQA-repeated, CP-gathered k and v
 (``t (nq + 2 cp nq) d / tp``); under CP also the fp32 softmax ``4 t L nq / tp`` bytes (``+ b``
-more for its 16-bit copy) and the mask ``t L`` bytes, without CP (torch's fused attention) only
-the fp32 log-sum-exp ``4 t nq / tp``; the unfused SwiGLU keeps fc1's output, silu's output
+more for its 16-bit copy) and the mask ``t L`` bytes, without CP (torch's fused attention) its
+output ``t nq d / tp`` and the fp32 log-sum-exp ``4 t nq / tp`` instead; the unfused SwiGLU keeps fc1's output, silu's output
 and the linear half plus the fc2 input: ``5 F`` per token (``6 Fm`` per expert copy, the
 probability-scaled copy included).
 
@@ -248,8 +248,8 @@ def layer_activations(p: PlanInput, layer: int) -> dict[str, float]:
     if local:
         longest = p.longest
         parts["rope"] = 4 * t * d * b  # cos and sin of q and k, per sequence
-        if cp == 1:  # torch's fused causal attention: q, repeated k, v and the fp32 log-sum-exp
-            parts["core_attention"] = 3 * t * nq * d * b + 4 * t * nq
+        if cp == 1:  # torch's fused causal attention: q, repeated k, v, its output and the fp32 log-sum-exp
+            parts["core_attention"] = 4 * t * nq * d * b + 4 * t * nq
         else:
             parts["core_attention"] = (t * nq * d * b + 2 * t * cp * nq * d * b  # q; repeated, gathered k, v
                                        + t * longest * nq * (4 + (b if b != 4 else 0))  # fp32 softmax (+ cast)
