@@ -382,26 +382,14 @@ def _client(cfg, log):
     """(rollout client, the local server or None): the local engine on cfg.model.hf_dir, or the
     configured SGLang servers (which generate with whatever weights they hold)."""
     from megatron_vespo.convert.families import load_model_config
-    from megatron_vespo.rollout.client import RolloutClient, wait_until_healthy
+    from megatron_vespo.rollout.client import RolloutClient
+    from megatron_vespo.train.trainer import start_engine
 
     r = cfg.rollout
     api_key = r.api_key or None
     _, m = load_model_config(cfg.model.hf_dir)
-    server = None
-    if r.engine == "local":
-        from megatron_vespo.rollout.serve_local import LocalServer
-
-        server = LocalServer(cfg.model.hf_dir, port=r.local_port, api_key=api_key, dtype=r.local_dtype,
-                             seed=cfg.run.seed, max_batch=r.local_max_batch).start()
-        urls = servers = [server.url]
-        log(f"local engine ({r.local_dtype}) serving {cfg.model.hf_dir} on {server.url}")
-    else:
-        servers = list(r.server_urls)
-        urls = [r.router_url] if r.router_url else servers
-        try:
-            wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
-        except TimeoutError as err:
-            raise ConnectionError(f"rollout engine unreachable: {err}") from None
+    server, urls, servers = start_engine(cfg)
+    if server is None:
         log(f"SGLang servers {servers}: they generate with the weights they hold; {cfg.model.hf_dir} gives the "
             "tokenizer and vocabulary")
     client = RolloutClient(urls, api_key=api_key, max_concurrency=r.max_concurrency, timeout_s=r.timeout_s,

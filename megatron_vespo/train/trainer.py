@@ -211,25 +211,11 @@ class Trainer:
         return load_tokenizer(self.cfg.model.hf_dir)
 
     def _start_engine(self) -> None:
-        from megatron_vespo.rollout.client import EngineControl, RolloutClient, wait_until_healthy
+        from megatron_vespo.rollout.client import EngineControl, RolloutClient
 
         r = self.cfg.rollout
         api_key = r.api_key or None
-        if r.engine == "local":
-            from megatron_vespo.rollout.serve_local import LocalServer
-
-            self.server = LocalServer(self.cfg.model.hf_dir, port=r.local_port, api_key=api_key,
-                                      dtype=r.local_dtype, seed=self.cfg.run.seed,
-                                      max_batch=r.local_max_batch).start()
-            urls, servers = [self.server.url], [self.server.url]
-            log(f"local engine ({r.local_dtype}) serving on {self.server.url}")
-        else:
-            servers = list(r.server_urls)
-            urls = [r.router_url] if r.router_url else servers
-            try:
-                wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
-            except TimeoutError as err:
-                raise ConnectionError(f"rollout engine unreachable: {err}") from None
+        self.server, urls, servers = start_engine(self.cfg)
         self.control = EngineControl(servers, api_key=api_key)
         if r.engine != "local":
             self.server_infos = self.control.call("/server_info", method="GET", check_success=False)
@@ -637,6 +623,29 @@ class Trainer:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+
+def start_engine(cfg: TrainConfig):
+    """(the local server or None, generation URLs, server URLs): the local engine on
+    ``model.hf_dir`` started in this process, or the configured SGLang servers once healthy."""
+    from megatron_vespo.rollout.client import wait_until_healthy
+
+    r = cfg.rollout
+    api_key = r.api_key or None
+    if r.engine == "local":
+        from megatron_vespo.rollout.serve_local import LocalServer
+
+        server = LocalServer(cfg.model.hf_dir, port=r.local_port, api_key=api_key, dtype=r.local_dtype,
+                             seed=cfg.run.seed, max_batch=r.local_max_batch).start()
+        log(f"local engine ({r.local_dtype}) serving {cfg.model.hf_dir} on {server.url}")
+        return server, [server.url], [server.url]
+    servers = list(r.server_urls)
+    urls = [r.router_url] if r.router_url else servers
+    try:
+        wait_until_healthy(sorted(set(urls + servers)), timeout_s=min(r.timeout_s, 120), api_key=api_key)
+    except TimeoutError as err:
+        raise ConnectionError(f"rollout engine unreachable: {err}") from None
+    return None, urls, servers
 
 
 class AsyncProducer:
