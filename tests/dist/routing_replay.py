@@ -42,10 +42,10 @@ class RoutedReference(ReferenceMoE):
         super().__init__(m, state)
         self.routes_by_sample = routes_by_sample
 
-    def response_logprobs(self, sample, temperature=1.0, routes=None):
+    def response_logprobs(self, sample, temperature=1.0, routes=None, with_entropy=False):
         if routes is None:
             routes = self.routes_by_sample.get(id(sample))
-        return super().response_logprobs(sample, temperature, routes)
+        return super().response_logprobs(sample, temperature, routes, with_entropy)
 
 
 def reference(samples, micro_batches, cfg, routes=None):
