@@ -347,20 +347,21 @@ def aggregate(
     """
     weighted = per_token_loss * weights * tokens.mask
     one = torch.ones((), dtype=torch.float32, device=per_token_loss.device)
-    # a sequence without any token in the loss (Sample.trained false) is not counted
-    n_seq = float((stats.token_count > 0).sum()) if owns_sequences else 0.0
+    owner = one * (1.0 if owns_sequences else 0.0)
+    # a sequence without any token in the loss (Sample.trained false) is not counted; kept on the
+    # device (no host sync per micro-batch)
+    n_seq = owner * (stats.token_count > 0).sum()
     if aggregation == "token_mean":
         return weighted.sum(), tokens.mask.sum().float()
     if aggregation == "seq_mean_token_mean":
         length = stats.token_count[tokens.seq_index].to(weighted.dtype)
-        return (weighted / length).sum(), one * n_seq
+        return (weighted / length).sum(), n_seq
     if aggregation == "seq_mean_token_sum":
-        return weighted.sum(), one * n_seq
+        return weighted.sum(), n_seq
     if aggregation == "legacy_microbatch_token_mean":
         total = stats.token_count.sum().to(weighted.dtype)
-        if float(total) == 0:  # nothing of this micro-batch is trained: it is not one of the means
-            return weighted.sum(), one * 0.0
-        return weighted.sum() / total, one * (1.0 if owns_sequences else 0.0)
+        trained = total > 0  # a micro-batch with nothing trained (sum 0) is not one of the means
+        return weighted.sum() / torch.where(trained, total, torch.ones_like(total)), owner * trained
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
