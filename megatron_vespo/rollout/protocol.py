@@ -128,6 +128,18 @@ def validate_sampling_params(params: dict, vocab_size: int | None = None) -> dic
     return params
 
 
+def rollout_sampling_params(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                            seed: int | None = None) -> dict:
+    """The sampling parameters of an RL rollout: the response exactly as sampled (the stop token
+    kept, special tokens not skipped), since the trainer scores every sampled token; ``seed``
+    (SGLang's ``sampling_seed``) when given."""
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "no_stop_trim": True, "skip_special_tokens": False}
+    if seed is not None:
+        params["sampling_seed"] = seed
+    return params
+
+
 def generate_request(input_ids: list[int], sampling_params: dict, rid: str | None = None,
                      return_logprob: bool = True, return_routed_experts: bool = False) -> dict:
     """The body of one non-streaming ``POST /generate`` with token-id input."""

@@ -199,8 +199,9 @@ def sampling_seed(run_seed: int, name: str, uid: int) -> int:
 
 
 def sampling_params(ev, max_new_tokens: int, seed: int) -> dict:
-    return {"max_new_tokens": max_new_tokens, "temperature": ev.temperature, "top_p": ev.top_p, "top_k": -1,
-            "sampling_seed": seed, "no_stop_trim": True, "skip_special_tokens": False}
+    from megatron_vespo.rollout.protocol import rollout_sampling_params
+
+    return rollout_sampling_params(max_new_tokens, ev.temperature, ev.top_p, -1, seed)
 
 
 def evaluate(client, tokenizer, sets: list[EvalSet], ev, seed: int, max_new_tokens: int) -> dict[str, float]:

@@ -82,6 +82,7 @@ def generate(args, prompts: list[list[int]], m) -> tuple[list, dict]:
     from tqdm import tqdm
 
     from megatron_vespo.rollout.client import EngineControl, RolloutClient, wait_until_healthy
+    from megatron_vespo.rollout.protocol import rollout_sampling_params
 
     server = None
     api_key = args.api_key or os.environ.get("SGLANG_API_KEY") or None
@@ -103,8 +104,7 @@ def generate(args, prompts: list[list[int]], m) -> tuple[list, dict]:
         routing = (m.num_layers, m.moe_router_topk, m.num_experts) if m.num_experts else None
         client = RolloutClient(urls, api_key=api_key, max_concurrency=args.max_concurrency,
                                vocab_size=m.vocab_size, routing=routing)
-        params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                  "top_k": args.top_k, "no_stop_trim": True, "skip_special_tokens": False}
+        params = rollout_sampling_params(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
         per_call = max(1, args.max_concurrency // args.n)
         samples = []
         with tqdm(total=len(prompts) * args.n, desc="rollout", unit="sample", file=sys.stderr) as bar:
