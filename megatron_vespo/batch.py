@@ -63,7 +63,8 @@ def _check_logprobs(name: str, values, expected: int, index: int) -> None:
 
 
 def validate_samples(
-    samples: list[Sample], vocab_size: int, need_old: bool = True, need_engine: bool = False
+    samples: list[Sample], vocab_size: int, need_old: bool = True, need_engine: bool = False,
+    need_ref: bool = False,
 ) -> None:
     """Raise ValueError naming the first bad sample and what is wrong with it."""
     if not samples:
@@ -91,6 +92,9 @@ def validate_samples(
             raise ValueError(f"sample {i}: old_logprobs missing (needed unless bypass mode)")
         if need_engine and s.engine_logprobs is None:
             raise ValueError(f"sample {i}: engine_logprobs missing (needed by bypass/correction)")
+        if need_ref and s.ref_logprobs is None:
+            raise ValueError(f"sample {i}: ref_logprobs missing (the KL term, algorithm.kl_coef > 0, needs the "
+                             "reference policy's log-probs)")
         _check_logprobs("old_logprobs", s.old_logprobs, s.response_len, i)
         _check_logprobs("engine_logprobs", s.engine_logprobs, s.response_len, i)
         _check_logprobs("ref_logprobs", s.ref_logprobs, s.response_len, i)

@@ -284,11 +284,8 @@ class Policy:
 
     def validate(self, samples: list[Sample]) -> None:
         validate_samples(samples, self.model_cfg.vocab_size, need_old=not self.loss_cfg.bypass,
-                         need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none")
-        missing = [i for i, s in enumerate(samples) if s.ref_logprobs is None]
-        if self.loss_cfg.kl_coef > 0 and missing:
-            raise ValueError(f"sample {missing[0]}: ref_logprobs missing (the KL term, algorithm.kl_coef > 0, needs "
-                             "the reference policy's log-probs)")
+                         need_engine=self.loss_cfg.bypass or self.loss_cfg.correction != "none",
+                         need_ref=self.loss_cfg.kl_coef > 0)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
