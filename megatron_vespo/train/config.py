@@ -18,6 +18,7 @@ import yaml
 from megatron_vespo import ranges
 from megatron_vespo.input_files import InputFileError, read_yaml, yaml_problem
 from megatron_vespo.losses import LossConfig
+from megatron_vespo.train.rewards import is_function_path
 from megatron_vespo.train.tasks import SYNTHETIC_TASKS
 
 
@@ -292,7 +293,7 @@ class TrainConfig:
                              f"data.synthetic_max_digits = {d.synthetic_max_digits}")
         if d.task == "synthetic" and d.synthetic_task not in SYNTHETIC_TASKS:
             raise ValueError(f"data.synthetic_task = {d.synthetic_task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
-        if d.reward not in ("synthetic", "math", "math_full", "code") and not _is_callable_path(d.reward):
+        if d.reward not in ("synthetic", "math", "math_full", "code") and not is_function_path(d.reward):
             raise ValueError(f"data.reward = {d.reward!r}; choose one of ['synthetic', 'math', 'math_full', 'code'] or name a "
                              "function as package.module:function")
         if (d.task == "synthetic") != (d.reward == "synthetic"):
@@ -384,12 +385,6 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-
-
-def _is_callable_path(text: str) -> bool:
-    """``package.module:function`` (dotted identifiers on both sides of one colon)."""
-    module, sep, name = text.partition(":")
-    return bool(sep) and all(part.isidentifier() for part in module.split(".") + name.split("."))
 
 
 def _coerce(value, annotation, key: str):

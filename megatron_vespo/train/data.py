@@ -465,6 +465,8 @@ class FunctionReward:
     """reward=package.module:function: ``fn(response_text, prompt.text, prompt.metadata)`` in a
     worker process (``rewards.CallableReward``); ``timeouts`` counts calls stopped by the limit."""
 
+    what = "the reward function"  # in the error for a response without text
+
     def __init__(self, path: str, timeout_s: float):
         from megatron_vespo.train.rewards import CallableReward
 
@@ -474,31 +476,29 @@ class FunctionReward:
     def timeouts(self) -> int:
         return self.fn.timeouts
 
+    def metadata(self, prompt) -> dict:
+        """The function's third argument."""
+        return prompt.metadata
+
     def __call__(self, response_ids, response_text, prompt) -> float:
         if not isinstance(response_text, str):
-            raise TypeError(f"the reward function needs the response text, got {type(response_text).__name__}")
-        return self.fn(response_text, prompt.text, prompt.metadata)
+            raise TypeError(f"{self.what} needs the response text, got {type(response_text).__name__}")
+        return self.fn(response_text, prompt.text, self.metadata(prompt))
 
 
-class FullMathReward:
+class FullMathReward(FunctionReward):
     """reward=math_full (``tasks.math_full_reward``): math-verify over the whole response with
     ``data.reward_timeout_s`` for its parse and verify timeouts, in a worker process killed past
     twice that (the reference's 30 s and 60 s); ``timeouts`` counts those kills."""
 
+    what = "the math_full reward"
+
     def __init__(self, timeout_s: float):
-        from megatron_vespo.train.rewards import CallableReward
-
+        super().__init__("megatron_vespo.train.tasks:math_full_reward", 2 * timeout_s)
         self.timeout_s = timeout_s
-        self.fn = CallableReward("megatron_vespo.train.tasks:math_full_reward", 2 * timeout_s)
 
-    @property
-    def timeouts(self) -> int:
-        return self.fn.timeouts
-
-    def __call__(self, response_ids, response_text, prompt) -> float:
-        if not isinstance(response_text, str):
-            raise TypeError(f"the math_full reward needs the response text, got {type(response_text).__name__}")
-        return self.fn(response_text, prompt.text, {"answer": prompt.answer, "timeout_s": self.timeout_s})
+    def metadata(self, prompt) -> dict:
+        return {"answer": prompt.answer, "timeout_s": self.timeout_s}
 
 
 _SANDBOX_CHECKED = False

@@ -45,13 +45,18 @@ class RewardFunctionError(RuntimeError):
     """The user's reward function raised, returned a non-number, or its worker died."""
 
 
+def is_function_path(text: str) -> bool:
+    """``package.module:function`` (dotted identifiers on both sides of one colon)."""
+    module_name, sep, attr = str(text).partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module_name.split(".") + attr.split("."))
+
+
 def resolve(path: str, key: str = "data.reward"):
     """Import ``package.module:function`` (the function may be dotted: ``module:Class.method``)
     and return it; a ValueError naming ``key`` when it cannot be found or is not callable."""
-    module_name, sep, attr = str(path).partition(":")
-    parts = module_name.split(".") + attr.split(".")
-    if not sep or not all(p.isidentifier() for p in parts):
+    if not is_function_path(path):
         raise ValueError(f"{key} = {path!r}: name a function as package.module:function")
+    module_name, _, attr = str(path).partition(":")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as err:
