@@ -122,8 +122,8 @@ def optimizer_state_bytes(policy) -> dict:
 
 def _build_policy(args, layout, distributed: bool, dtype: str, first: bool, **algorithm):
     """A Policy of ``args.model``; ``first=False`` reuses the process groups the first one made."""
-    import megatron_vespo.train.policy as policy_module
     from megatron_vespo.train.config import TrainConfig
+    from megatron_vespo.train.policy import Policy
 
     cfg = TrainConfig()
     cfg.model.hf_dir = args.model
@@ -131,13 +131,7 @@ def _build_policy(args, layout, distributed: bool, dtype: str, first: bool, **al
     cfg.optimizer.distributed = distributed
     for key, value in algorithm.items():
         setattr(cfg.algorithm, key, value)
-    real = policy_module.initialize_model_parallel
-    if not first:  # same layout: keep the groups (re-creating them would strand the first policy's)
-        policy_module.initialize_model_parallel = lambda *a, **k: None
-    try:
-        return policy_module.Policy(cfg, layout)
-    finally:
-        policy_module.initialize_model_parallel = real
+    return Policy(cfg, layout, reuse_process_groups=not first)
 
 
 def state_worker(args) -> None:

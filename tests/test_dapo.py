@@ -117,7 +117,7 @@ def test_dynamic_sampling_fills_the_batch_in_uid_order_and_says_where_the_stream
     assert [s.prompt_ids[0] - 100 for s in batch.samples] == [1, 1, 4, 4, 6, 6, 9, 9]
     assert [s.index for s in batch.samples] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert batch.rewards == [0.0, 1.0] * 4 and batch.first_uid == 0 and batch.index == 3
-    assert batch.next_uid == 12 and batch.continues_at(4) == 12
+    assert batch.next_uid == 12
     generated = [_task_reward(uid, k) for uid in range(12) for k in range(2)]
     assert batch.metrics == {"filter/kept_fraction": 6 / 12, "filter/rounds": 2, "reward/timeouts": 0,
                              "filter/task_mean_generated": pytest.approx(np.mean(generated))}
@@ -180,12 +180,11 @@ def test_the_async_producer_continues_where_each_batch_ended():
 
     def generate(index, uid):
         asked.append(uid)
-        # batch 1 needed extra rounds; batch 2 reports nothing: prompts_per_batch prompts
-        next_uid = {0: uid + 4, 1: uid + 12, 2: None, 3: uid + 8}[index]
+        # batch 1 needed extra rounds, batch 3 one
+        next_uid = {0: uid + 4, 1: uid + 12, 2: uid + 4, 3: uid + 8}[index]
         return RolloutBatch(index, uid, [], [], 0.0, next_uid=next_uid)
 
-    producer = AsyncProducer(generate, first_index=0, first_uid=40, prompts_per_batch=4, total_batches=4,
-                             max_ahead=4)
+    producer = AsyncProducer(generate, first_index=0, first_uid=40, total_batches=4, max_ahead=4)
     try:
         assert [producer.take().first_uid for _ in range(4)] == [40, 44, 56, 60]
     finally:

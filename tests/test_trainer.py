@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_vespo.train.config import load_config
-from megatron_vespo.train.trainer import AsyncProducer, group_advantages, mini_batch_ids, version_number
+from megatron_vespo.train.trainer import AsyncProducer, RolloutBatch, group_advantages, mini_batch_ids, version_number
 from tests.conftest import ROOT, _env, run_cli
 
 CONFIG = os.path.join(ROOT, "examples", "configs", "demo_cpu.yaml")
@@ -136,19 +136,23 @@ def test_the_async_producer_stays_at_most_max_ahead_and_hands_on_errors():
             generated.append((index, uid))
         if index == 3:
             raise ValueError("engine gone")
-        return (index, uid)
+        return RolloutBatch(index, uid, [], [], 0.0, next_uid=uid + 8)
 
-    producer = AsyncProducer(generate, first_index=1, first_uid=40, prompts_per_batch=8, total_batches=5, max_ahead=2)
+    def take():
+        batch = producer.take()
+        return (batch.index, batch.first_uid)
+
+    producer = AsyncProducer(generate, first_index=1, first_uid=40, total_batches=5, max_ahead=2)
     try:
         deadline = time.time() + 10
         while len(generated) < 2 and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
         assert generated == [(1, 40), (2, 48)]  # two ahead, then it waits for training to take one
-        assert producer.take() == (1, 40)
-        assert producer.take() == (2, 48)
+        assert take() == (1, 40)
+        assert take() == (2, 48)
         with pytest.raises(RuntimeError, match="rollout failed: engine gone"):
-            producer.take()
+            take()
         assert generated == [(1, 40), (2, 48), (3, 56)]  # nothing generated after the failure
     finally:
         producer.stop()

@@ -115,7 +115,8 @@ def fixed_batches(m: MoEModelConfig, reference: ReferenceMoE) -> list:
                     engine_logprobs=engine.numpy(), finish_reason="stop" if j % 2 else "length",
                     weight_version=f"v{b}", routed_experts=routes.numpy()))
                 rewards.append(group_rewards[j])
-        batches.append(RolloutBatch(index=b, first_uid=b * PROMPTS, samples=samples, rewards=rewards, seconds=0.0))
+        batches.append(RolloutBatch(index=b, first_uid=b * PROMPTS, samples=samples, rewards=rewards, seconds=0.0,
+                                    next_uid=(b + 1) * PROMPTS))
     return batches
 
 

@@ -41,6 +41,7 @@ from megatron_vespo import comm
 from megatron_vespo.batch import Sample
 from megatron_vespo.launcher import log
 from megatron_vespo.mismatch import routing_agreement
+from megatron_vespo.rollout.protocol import rollout_sampling_params
 from megatron_vespo.train.config import TrainConfig, load_config
 from megatron_vespo.train.dapo import keep_groups, mask_truncated, overlong_penalty
 from megatron_vespo.train.stop import StopRequest
@@ -55,14 +56,10 @@ class RolloutBatch:
     samples: list  # RolloutSample, ordered by prompt then sample
     rewards: list[float]  # task reward plus the overlong penalty (algorithm.overlong_buffer)
     seconds: float
-    # where the data stream continues: dynamic sampling (algorithm.filter_groups) consumes more
-    # prompts than the batch keeps. None: first_uid + rollout.prompts_per_batch (nothing dropped)
-    next_uid: int | None = None
+    # where the data stream continues: after its last generated prompt (dynamic sampling,
+    # algorithm.filter_groups, consumes more prompts than the batch keeps)
+    next_uid: int
     metrics: dict = dataclasses.field(default_factory=dict)  # logged with every step of the batch
-
-    def continues_at(self, prompts_per_batch: int) -> int:
-        """The data position of the prompt after this batch's last one."""
-        return self.next_uid if self.next_uid is not None else self.first_uid + prompts_per_batch
 
 
 @dataclasses.dataclass
@@ -321,8 +318,8 @@ class Trainer:
         total_batches = math.ceil(cfg.run.steps / cfg.algorithm.staleness)
         producer = None
         if cfg.algorithm.async_rollout and self.rank == 0:
-            producer = AsyncProducer(self.generate_batch, self.batch_index, self.data_pos,
-                                     cfg.rollout.prompts_per_batch, total_batches, cfg.algorithm.max_policy_lag)
+            producer = AsyncProducer(self.generate_batch, self.batch_index, self.data_pos, total_batches,
+                                     cfg.algorithm.max_policy_lag)
         progress = self._progress(cfg.run.steps)
         stop = StopRequest(self.run_dir).install()
         try:
@@ -339,7 +336,7 @@ class Trainer:
                         progress.update(1)
                         progress.set_postfix(reward=f"{np.mean(batch.rewards):.3f}")
                 self.batch_index += 1
-                self.data_pos = batch.continues_at(cfg.rollout.prompts_per_batch)
+                self.data_pos = batch.next_uid
                 self._sync_weights()                                                 # weight sync
                 self._evaluate_if_due("batch")                                       # held-out eval
                 if self.step < cfg.run.steps and stop.agreed():                      # graceful stop
@@ -383,14 +380,7 @@ class Trainer:
             metrics = evaluation.evaluate(self.client, self.tokenizer, self._eval_sets, self.cfg.eval,
                                           self.cfg.run.seed, evaluation.max_new_tokens(self.cfg))
             row = {"step": self.step, **metrics, "eval/seconds": time.perf_counter() - start}
-            self.history.append(row)
-            self.metrics_file.write(json.dumps(row) + "\n")
-            self.metrics_file.flush()
-            if self.tensorboard is not None:  # every eval is logged, whatever run.log_every
-                for key, value in metrics.items():
-                    self.tensorboard.add_scalar(key, value, self.step)
-            if self.wandb is not None:
-                self.wandb.log(metrics, step=self.step)
+            self._log_row(row, to_loggers=True)  # every eval, whatever run.log_every
             log(f"eval at step {self.step}: {evaluation.describe(metrics)} ({row['eval/seconds']:.1f} s)")
         comm.broadcast_object(metrics)
 
@@ -400,8 +390,7 @@ class Trainer:
         r = self.cfg.rollout
         # a pure function of (seed, prompt uid): resuming regenerates the same rollouts
         seed = (self.cfg.run.seed * 1_000_003 + uid * r.group_size) % (2**62)
-        return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
-                "top_k": r.top_k, "sampling_seed": seed, "no_stop_trim": True, "skip_special_tokens": False}
+        return rollout_sampling_params(r.max_new_tokens, r.temperature, r.top_p, r.top_k, seed)
 
     def generate_batch(self, index: int, first_uid: int) -> RolloutBatch:
         """Rollout batch ``index`` from the prompts at ``first_uid``, with rewards. Rank 0 only; the
@@ -537,17 +526,22 @@ class Trainer:
                "policy_lag/max": int(np.max(prepared.policy_lags))}
         row.update(prepared.metrics)
         row.update({k: float(v) for k, v in metrics.items()})
+        self._log_row(row, to_loggers=self.step % self.cfg.run.log_every == 0)
+
+    def _log_row(self, row: dict, to_loggers: bool) -> None:
+        """Rank 0: ``row`` into the history and metrics.jsonl, and when ``to_loggers`` into
+        TensorBoard and W&B at ``row["step"]``."""
         self.history.append(row)
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
-        if self.step % self.cfg.run.log_every:
+        if not to_loggers:
             return
         if self.tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, self.step)
+                    self.tensorboard.add_scalar(key, value, row["step"])
         if self.wandb is not None:
-            self.wandb.log(row, step=self.step)
+            self.wandb.log(row, step=row["step"])
 
     def _sync_weights(self, new_version: bool = True) -> None:
         """Send the policy to the engine; a resumed run re-sends the checkpoint's version as is."""
@@ -652,17 +646,16 @@ class AsyncProducer:
     """Generates rollout batches ahead of training on a thread of rank 0; at most ``max_ahead``
     (algorithm.max_policy_lag) batches ahead, so a sample is at most that many versions old."""
 
-    def __init__(self, generate, first_index: int, first_uid: int, prompts_per_batch: int, total_batches: int,
-                 max_ahead: int):
+    def __init__(self, generate, first_index: int, first_uid: int, total_batches: int, max_ahead: int):
         self.generate = generate  # (batch index, first prompt uid) -> RolloutBatch
         self.permits = threading.Semaphore(max_ahead)
         self.ready: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, args=(first_index, first_uid, prompts_per_batch,
-                                                               total_batches), daemon=True, name="rollout")
+        self.thread = threading.Thread(target=self._loop, args=(first_index, first_uid, total_batches),
+                                       daemon=True, name="rollout")
         self.thread.start()
 
-    def _loop(self, index: int, uid: int, prompts_per_batch: int, total_batches: int) -> None:
+    def _loop(self, index: int, uid: int, total_batches: int) -> None:
         while index < total_batches and not self.stopping.is_set():
             self.permits.acquire()
             if self.stopping.is_set():
@@ -672,8 +665,7 @@ class AsyncProducer:
             except BaseException as err:  # handed to the training thread, which raises it
                 self.ready.put(err)
                 return
-            # dynamic sampling may consume more prompts than a batch keeps: continue after its last
-            uid = batch.continues_at(prompts_per_batch) if isinstance(batch, RolloutBatch) else uid + prompts_per_batch
+            uid = batch.next_uid  # dynamic sampling may consume more prompts than a batch keeps
             self.ready.put(batch)
             index += 1
 
